@@ -1,0 +1,1 @@
+"""omnijet: OmniJet-alpha re-implementation."""

@@ -1,0 +1,26 @@
+"""Data I/O: the JetClass schema, constituent features, download and simulation."""
+
+from .features import (
+    FEATURE_NAMES,
+    MAX_CONSTITUENTS,
+    constituent_features,
+    features_to_p4,
+    padded_to_jagged,
+    to_padded,
+)
+from .jetclass import (
+    CLASS_FILE_PREFIXES,
+    CLASS_LABELS,
+    CLASS_NAMES,
+    class_index,
+    iter_jetclass,
+    make_jets,
+    read_jetclass,
+    write_jetclass,
+)
+
+__all__ = [
+    "CLASS_FILE_PREFIXES", "CLASS_LABELS", "CLASS_NAMES", "FEATURE_NAMES", "MAX_CONSTITUENTS",
+    "class_index", "constituent_features", "features_to_p4", "iter_jetclass", "make_jets",
+    "padded_to_jagged", "read_jetclass", "to_padded", "write_jetclass",
+]

@@ -1,0 +1,141 @@
+"""One small ``fit()`` shared by every model: Lightning Trainer, resumable, device-agnostic.
+
+* Resume state (weights, optimiser, schedule, step) lives in ``<out_dir>/last.ckpt`` and is
+  reloaded with ``torch.load(weights_only=True)``; a rerun of the same call continues from it.
+* The trained model is exported as ``<out_dir>/model.safetensors`` with its dataclass config,
+  loadable with :func:`load_model` without unpickling anything.
+* ``devices``/``num_nodes``/``strategy``/``precision`` go straight to Lightning, so the same
+  call runs on a laptop CPU, a GPU or a DDP cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..io import OmnijetError, load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "default_device", "fit", "save_model", "load_model"]
+
+
+def default_device() -> str:
+    """``"cuda"`` when a GPU is present, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class TrainConfig:
+    max_epochs: int = 10
+    max_steps: int = -1
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: Any = "32-true"
+    seed: int = 0
+    progress_bar: bool = True
+    log_every_n_steps: int = 10
+    patience: int | None = None          # early stopping on val_loss when set
+    gradient_clip_val: float | None = None
+
+    @classmethod
+    def from_params(cls, params: dict | None = None, **overrides) -> "TrainConfig":
+        """Build from a params-profile dict, ignoring keys that are not training settings."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in (params or {}).items() if k in names}
+        kw.update(overrides)
+        return cls(**kw)
+
+
+def fit(module, train_loader, val_loader=None, out_dir: str | os.PathLike | None = None,
+        config: TrainConfig | None = None, resume: bool = True):
+    """Train a LightningModule; resumable from ``out_dir/last.ckpt``. Returns the module with the
+    best (lowest ``val_loss``) weights restored when a validation set is given."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    cfg = config or TrainConfig()
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    callbacks = []
+    ckpt_path = None
+    best_cb = None
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        monitor = "val_loss" if val_loader is not None else None
+        best_cb = ModelCheckpoint(dirpath=out_dir, filename="best", monitor=monitor, mode="min",
+                                  save_last=True, save_top_k=1, enable_version_counter=False)
+        callbacks.append(best_cb)
+        if resume and (out_dir / "last.ckpt").is_file():
+            ckpt_path = out_dir / "last.ckpt"
+            log.info("resuming from %s", ckpt_path)
+    if cfg.patience is not None and val_loader is not None:
+        callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"))
+    trainer = pl.Trainer(
+        max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, accelerator=cfg.accelerator,
+        devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=cfg.precision,
+        callbacks=callbacks, enable_progress_bar=cfg.progress_bar, logger=False,
+        enable_checkpointing=out_dir is not None, default_root_dir=out_dir,
+        log_every_n_steps=cfg.log_every_n_steps, enable_model_summary=False,
+        gradient_clip_val=cfg.gradient_clip_val, num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*number of training batches.*")
+        try:
+            trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True)
+        except Exception as err:
+            if ckpt_path is not None and "weights_only" in str(err):
+                raise OmnijetError(f"{ckpt_path}: refused to resume, checkpoint holds non-tensor objects") from None
+            raise
+    if best_cb is not None and val_loader is not None and best_cb.best_model_path:
+        state = torch.load(best_cb.best_model_path, map_location="cpu", weights_only=True)
+        module.load_state_dict(state["state_dict"])
+    module.trainer_ = trainer
+    return module
+
+
+# --------------------------------------------------------------------------- model export
+def save_model(path: str | os.PathLike, model: torch.nn.Module, **extra_config) -> Path:
+    """Save ``model.state_dict()`` as safetensors; ``model.config`` (a dataclass) goes into the
+    metadata together with ``extra_config`` (e.g. tokenizer settings)."""
+    cfg = dataclasses.asdict(model.config) if dataclasses.is_dataclass(getattr(model, "config", None)) else {}
+    cfg = {"class": type(model).__name__, "config": cfg, **extra_config}
+    return save_checkpoint(path, dict(model.state_dict()), cfg)
+
+
+def load_model(path: str | os.PathLike, model_cls, config_cls=None, device: str = "cpu", **expect):
+    """Rebuild ``model_cls(config_cls(**saved_config))`` and load its weights.
+
+    ``expect`` lists config values that must match (e.g. ``vocab_size=8194``); a mismatch, a
+    different model class or missing/unexpected weights raise an error naming the problem.
+    """
+    tensors, meta = load_checkpoint(path, device=device)
+    saved_cls = meta.get("class")
+    if saved_cls and saved_cls != model_cls.__name__:
+        raise OmnijetError(f"{path}: holds a {saved_cls}, expected a {model_cls.__name__}")
+    raw = meta.get("config", {})
+    for k, v in expect.items():
+        if k in raw and raw[k] != v:
+            raise OmnijetError(f"{path}: {k} is {raw[k]} in the checkpoint but {v} is expected")
+    config = config_cls(**raw) if config_cls is not None else None
+    model = model_cls(config) if config is not None else model_cls()
+    own = model.state_dict()
+    wrong = [k for k, v in own.items() if k in tensors and tensors[k].shape != v.shape]
+    if wrong:
+        raise OmnijetError(f"{path}: tensor shapes differ from the config for {wrong[:5]}")
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise OmnijetError(f"{path}: weights do not match {model_cls.__name__} "
+                           f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    return model.to(device), meta
