@@ -140,15 +140,25 @@ def _open_tree(path: Path):
     try:
         f = uproot.open(path)
     except Exception as err:
-        raise OmnijetError(f"{path}: not a readable ROOT file ({type(err).__name__}: {err})") from None
-    if _TREE not in f:
-        keys = ", ".join(k.split(";")[0] for k in f.keys()) or "none"
-        raise OmnijetError(f"{path}: no TTree named '{_TREE}' (found: {keys})")
-    tree = f[_TREE]
-    missing = [b for b in _REQUIRED if b not in tree.keys()]
+        raise OmnijetError(f"{path}: not a readable ROOT file ({_oneline(err)})") from None
+    try:
+        if _TREE not in f:
+            keys = ", ".join(k.split(";")[0] for k in f.keys()) or "none"
+            raise OmnijetError(f"{path}: no TTree named '{_TREE}' (found: {keys})")
+        tree = f[_TREE]
+        branches = tree.keys()
+    except OmnijetError:
+        raise
+    except Exception as err:
+        raise OmnijetError(f"{path}: truncated or corrupt ROOT file ({_oneline(err)})") from None
+    missing = [b for b in _REQUIRED if b not in branches]
     if missing:
         raise OmnijetError(f"{path}: missing branch {', '.join(missing)} in tree '{_TREE}'")
     return tree
+
+
+def _oneline(err: Exception) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def _labels_from_tree(path: Path, arrays: dict, n: int) -> np.ndarray:
@@ -227,7 +237,7 @@ def iter_jetclass(
         except OmnijetError:
             raise
         except Exception as err:
-            raise OmnijetError(f"{path}: cannot read tree '{_TREE}' ({type(err).__name__}: {err})") from None
+            raise OmnijetError(f"{path}: cannot read tree '{_TREE}', truncated or corrupt ({_oneline(err)})") from None
 
 
 def read_jetclass(files, classes=None, max_jets: int | None = None) -> ak.Array:

@@ -1,0 +1,141 @@
+"""Run the numbered notebooks with papermill for a parameter profile (``params/<profile>.yaml``).
+
+Profile layout::
+
+    common:            # passed to every notebook that declares the key
+      per_class: 300
+    01_token_quality:  # passed to that notebook only
+      epochs: 2
+
+A key that the target notebook(s) do not declare in their ``parameters`` cell is an error, and so
+is a section that names no notebook: a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .io import OmnijetError
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+PARAMS = REPO / "params"
+
+__all__ = ["notebooks", "load_profile", "resolve_parameters", "run_figures", "main"]
+
+
+def notebooks(directory: Path = NOTEBOOKS) -> list[Path]:
+    """The numbered notebooks (``NN_name.ipynb``) in order."""
+    return sorted(p for p in directory.glob("[0-9][0-9]_*.ipynb"))
+
+
+def load_profile(profile: str | Path) -> dict:
+    """Load a profile by name (``ci``) or path; bad YAML names the file and line."""
+    path = Path(profile)
+    if not path.suffix:
+        path = PARAMS / f"{profile}.yaml"
+    if not path.is_file():
+        known = ", ".join(p.stem for p in sorted(PARAMS.glob("*.yaml")))
+        raise OmnijetError(f"{path}: parameter profile not found (known profiles: {known})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise OmnijetError(f"{path}:{where} invalid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise OmnijetError(f"{path}: a profile maps 'common' and notebook names to dicts of parameters")
+    data["_path"] = str(path)
+    return data
+
+
+def declared_parameters(nb: Path) -> dict:
+    """Parameters declared in the notebook's ``parameters`` cell: ``{name: default}``."""
+    import papermill as pm
+
+    return {k: v["default"] for k, v in pm.inspect_notebook(str(nb)).items()}
+
+
+def resolve_parameters(profile: dict, nbs: list[Path]) -> dict[Path, dict]:
+    """Per-notebook parameters from a profile; unknown keys and sections raise OmnijetError."""
+    path = profile.get("_path", "profile")
+    declared = {nb: declared_parameters(nb) for nb in nbs}
+    stems = {nb.stem for nb in nbs}
+    common = profile.get("common", {})
+    unknown = sorted(set(common) - set().union(*declared.values()))
+    if unknown:
+        raise OmnijetError(f"{path}: common parameter(s) {', '.join(unknown)} not declared by any notebook")
+    for section in profile:
+        if section not in ("common", "_path") and section not in stems:
+            raise OmnijetError(f"{path}: section '{section}' names no notebook (notebooks: {', '.join(sorted(stems))})")
+    out = {}
+    for nb in nbs:
+        own = profile.get(nb.stem, {})
+        bad = sorted(set(own) - set(declared[nb]))
+        if bad:
+            raise OmnijetError(f"{path}: {nb.stem} has no parameter(s) {', '.join(bad)} "
+                               f"(it declares: {', '.join(declared[nb])})")
+        params = {k: v for k, v in common.items() if k in declared[nb]}
+        params.update(own)
+        for k, v in params.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+                raise OmnijetError(f"{path}: {nb.stem}.{k} = {v} must not be negative")
+        out[nb] = params
+    return out
+
+
+def run_figures(profile: str = "ci", only: list[str] | None = None, out_dir: Path | None = None,
+                dry_run: bool = False) -> list[Path]:
+    """Execute the notebooks in order; stop at the first failure naming notebook and cell."""
+    import papermill as pm
+
+    plan = resolve_parameters(load_profile(profile), notebooks())  # validate the whole profile
+    if only:
+        plan = {nb: p for nb, p in plan.items() if any(nb.stem.startswith(o) for o in only)}
+        if not plan:
+            raise OmnijetError(f"no notebook matches {only}")
+    out_dir = Path(out_dir or NOTEBOOKS / "executed")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = []
+    for nb, params in plan.items():
+        print(f"[{nb.stem}] {', '.join(f'{k}={v}' for k, v in params.items()) or 'defaults'}", flush=True)
+        if dry_run:
+            continue
+        target = out_dir / nb.name
+        t0 = time.time()
+        try:
+            pm.execute_notebook(str(nb), str(target), parameters=params, cwd=str(NOTEBOOKS),
+                                kernel_name="python3", progress_bar=False, log_output=False)
+        except pm.PapermillExecutionError as err:
+            raise OmnijetError(f"{nb.name}: failed at cell {err.exec_count} "
+                               f"({err.ename}: {err.evalue.splitlines()[0] if err.evalue else ''}); "
+                               f"executed copy: {target}") from None
+        print(f"[{nb.stem}] done in {time.time() - t0:.0f} s", flush=True)
+        done.append(target)
+    return done
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="omnijet figures", description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="ci", help="ci | quick | paper | path to a YAML file")
+    ap.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 00 02_generation")
+    ap.add_argument("--dry-run", action="store_true", help="validate the profile, run nothing")
+    args = ap.parse_args(argv)
+    try:
+        run_figures(args.profile, args.only, dry_run=args.dry_run)
+    except OmnijetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

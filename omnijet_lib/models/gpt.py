@@ -1,0 +1,290 @@
+"""The OmniJet-alpha generative backbone: a small GPT over jet-constituent tokens.
+
+Sequences (from the tokenizer) are ``start 0, code+1 (1..K), stop K+1``, padded after the stop
+token with ``mask == False``; the mask covers start..stop inclusive. The vocabulary is K + 2.
+
+Architecture (paper fig. 2): token embedding (no positional embedding: the pT order is learnt
+from context), ``n_layer`` post-LayerNorm blocks (attention -> residual -> LayerNorm -> MLP with
+ReLU -> residual -> LayerNorm), causal self-attention, and a linear head onto the vocabulary.
+
+Sampling. :meth:`GPT.generate_reference` is the original algorithm: recompute the whole prefix
+(and the head on every position) at every one of the 128 steps. :meth:`GPT.generate` gives the
+same token sequences much faster: a key/value cache (one new token per step), an early exit
+once every jet has emitted stop, finished jets dropped from the active batch, and an exact
+inverse-CDF sampler in preallocated buffers (``torch.multinomial`` over 8193 logits costs more
+than the model). Both take their random numbers from one table ``u[jet, step]`` of uniforms
+drawn up front, so with the same ``generator`` they return identical sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..io import OmnijetError
+
+__all__ = ["GPTConfig", "GPT", "sample_tokens", "draw_uniforms", "sequences_to_codes"]
+
+START = 0  # start token id; codes are shifted by +1, the stop token is vocab_size - 1
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 8194   # K + 2 (start, K codes, stop)
+    n_embd: int = 256
+    n_head: int = 8
+    n_layer: int = 3
+    ffn: int = 1024
+    dropout: float = 0.0
+    max_len: int = 130       # start + 128 constituents + stop
+
+    @property
+    def stop_token(self) -> int:
+        return self.vocab_size - 1
+
+    @property
+    def n_codes(self) -> int:
+        return self.vocab_size - 2
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.dropout = cfg.dropout
+
+    def _heads(self, x):  # (B, T, 3C) -> 3 x (B, H, T, hd)
+        B, T, C3 = x.shape
+        return x.view(B, T, 3, self.n_head, C3 // (3 * self.n_head)).permute(2, 0, 3, 1, 4)
+
+    def forward(self, x):  # (B, T, C)
+        B, T, C = x.shape
+        q, k, v = self._heads(self.qkv(x))
+        # padding sits after the stop token, so the causal mask alone keeps real positions
+        # from ever seeing it; no key-padding mask is needed
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def step(self, x, k_cache, v_cache, t: int):
+        """One new token per row at position ``t``. x (n, C); caches (n, H, T_max, hd), filled
+        up to ``t - 1``; this writes position ``t``."""
+        n, C = x.shape
+        q, k, v = self._heads(self.qkv(x)[:, None])  # (n, H, 1, hd)
+        k_cache[:, :, t] = k[:, :, 0]
+        v_cache[:, :, t] = v[:, :, 0]
+        # attend over the cached prefix 0..t (all in the past: no mask needed)
+        y = F.scaled_dot_product_attention(q, k_cache[:, :, : t + 1], v_cache[:, :, : t + 1])  # (n, H, 1, hd)
+        return self.proj(y.reshape(n, C))
+
+
+class Block(nn.Module):
+    """Post-LayerNorm transformer block."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.attn = CausalSelfAttention(cfg)
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, cfg.ffn), nn.ReLU(), nn.Linear(cfg.ffn, cfg.n_embd))
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):  # (B, T, C)
+        x = self.ln1(x + self.drop(self.attn(x)))
+        return self.ln2(x + self.drop(self.mlp(x)))
+
+    def step(self, x, k_cache, v_cache, t: int):  # x (n, C)
+        x = self.ln1(x + self.attn.step(x, k_cache, v_cache, t))
+        return self.ln2(x + self.mlp(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or GPTConfig()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size)
+
+    # ------------------------------------------------------------------ training / encoding
+    def backbone(self, seq, mask=None):
+        """Hidden states (B, T, n_embd) of token ids ``seq`` (B, T). ``mask`` (B, T) marks real
+        tokens (a right-padded prefix); padded ids are replaced by the start id so that any
+        padding value is accepted, and padded outputs are zeroed."""
+        if mask is not None:
+            seq = seq.masked_fill(~mask, START)
+        x = self.drop(self.embed(seq))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        if mask is not None:
+            x = x * mask[..., None]
+        return x
+
+    def forward(self, seq, mask=None, at=None):
+        """Next-token logits. ``at=None``: all positions, (B, T, V). ``at`` a bool (B, T): only
+        those positions, (M, V) in row-major order -- the head (V x n_embd) dominates the cost,
+        so evaluate it where it is needed."""
+        h = self.backbone(seq, mask)
+        return self.head(h if at is None else h[at])
+
+    def loss(self, seq, mask):
+        """Mean next-token cross-entropy over the real targets (tokens after start, up to and
+        including stop); the head runs on those positions only."""
+        inp, tgt = seq[:, :-1], seq[:, 1:]
+        valid = mask[:, 1:]  # (B, T-1): the target is a real token
+        logits = self.forward(inp, mask[:, :-1], at=valid)  # (M, V)
+        return F.cross_entropy(logits, tgt[valid])
+
+    # ------------------------------------------------------------------ sampling
+    def _check_generate(self, n_jets, batch_size, temperature, max_constituents):
+        if n_jets < 0 or batch_size <= 0:
+            raise OmnijetError(f"generate: n_jets must be >= 0 and batch_size > 0, got {n_jets}, {batch_size}")
+        if not temperature > 0:
+            raise OmnijetError(f"generate: temperature must be > 0, got {temperature}")
+        if not 1 <= max_constituents <= self.config.max_len - 2:
+            raise OmnijetError(f"generate: max_constituents must be in 1..{self.config.max_len - 2}, "
+                               f"got {max_constituents}")
+
+    @torch.no_grad()
+    def generate(self, n_jets: int, batch_size: int = 256, temperature: float = 1.0,
+                 generator: torch.Generator | None = None, max_constituents: int = 128):
+        """Sample ``n_jets`` jets with a key/value cache.
+
+        Returns numpy ``(seq, mask)``: seq (N, max_constituents + 2) int64 laid out like the
+        training sequences (start 0, code+1 ..., stop), padded with 0 after stop; mask (N, ...)
+        bool covering start..stop. Tokenizer codes are ``seq - 1`` where the mask is set,
+        excluding positions 0 and the stop (see :func:`sequences_to_codes`). The start token is
+        never drawn; a jet reaching ``max_constituents`` gets a forced stop.
+        """
+        self._check_generate(n_jets, batch_size, temperature, max_constituents)
+        u = draw_uniforms(n_jets, max_constituents, generator)
+        out = np.zeros((n_jets, max_constituents + 2), np.int64)
+        was_training = self.training
+        self.eval()
+        try:
+            for s in range(0, n_jets, batch_size):
+                out[s:s + batch_size] = self._generate_batch(u[s:s + batch_size], temperature).cpu().numpy()
+        finally:
+            self.train(was_training)
+        return _finish(out, self.config.stop_token)
+
+    def _generate_batch(self, u, temperature: float, compact_fraction: float = 0.125):
+        """u (B, S) uniforms -> tokens (B, S + 2) with start at 0 and stop somewhere."""
+        cfg, p = self.config, next(self.parameters())
+        dev, dt = p.device, p.dtype
+        B, S = u.shape
+        u = u.to(dev, dt)
+        H, hd, V = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.vocab_size
+        caches = [(torch.empty(B, H, S, hd, device=dev, dtype=dt), torch.empty(B, H, S, hd, device=dev, dtype=dt))
+                  for _ in self.blocks]  # per block: keys, values (B, H, S, hd)
+        probs = torch.empty(B, V - 1, device=dev, dtype=dt)  # sampler buffers, reused every step
+        cdf = torch.empty(B, V - 1, device=dev, dtype=dt)
+        w, b = self.head.weight[1:], self.head.bias[1:]  # the head without the start-token row
+        tokens = torch.zeros(B, S + 2, dtype=torch.long, device=dev)  # output, start at 0
+        rows = torch.arange(B, device=dev)          # active slot -> output row
+        cur = torch.full((B,), START, dtype=torch.long, device=dev)  # last token of each active row
+        done = torch.zeros(B, dtype=torch.bool, device=dev)  # finished but not yet dropped
+        n = B
+        for t in range(S):
+            x = self.embed(cur[:n])  # (n, C)
+            for block, (kc, vc) in zip(self.blocks, caches):
+                x = block.step(x, kc[:n], vc[:n], t)
+            logits = torch.addmm(b, x, w.t(), out=probs[:n])  # (n, V-1): ids 1..V-1
+            nxt = _inverse_cdf(logits, u[rows[:n], t], temperature, cdf[:n]) + 1  # (n,)
+            live = ~done[:n]
+            tokens[rows[:n][live], t + 1] = nxt[live]
+            cur[:n] = nxt
+            done[:n] |= nxt == cfg.stop_token
+            n_done = int(done[:n].sum())
+            if n_done == n:
+                break
+            if n_done and n_done >= compact_fraction * n:  # drop finished rows, keep the cache
+                keep = (~done[:n]).nonzero().squeeze(1)
+                m = len(keep)
+                for kc, vc in caches:
+                    kc[:m, :, : t + 1] = kc[keep, :, : t + 1]
+                    vc[:m, :, : t + 1] = vc[keep, :, : t + 1]
+                rows[:m], cur[:m] = rows[keep], cur[keep]
+                done[:m] = False
+                n = m
+        else:  # rows still open after S constituents get the forced stop
+            tokens[rows[:n][~done[:n]], S + 1] = cfg.stop_token
+        return tokens
+
+    @torch.no_grad()
+    def generate_reference(self, n_jets: int, batch_size: int = 256, temperature: float = 1.0,
+                           generator: torch.Generator | None = None, max_constituents: int = 128):
+        """The original algorithm: every step re-runs the model (and the head on every position)
+        on the whole prefix; always ``max_constituents`` steps, no cache, no early exit. Same
+        random draws and output format as :meth:`generate`."""
+        self._check_generate(n_jets, batch_size, temperature, max_constituents)
+        u = draw_uniforms(n_jets, max_constituents, generator)
+        out = np.zeros((n_jets, max_constituents + 2), np.int64)
+        dev = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        try:
+            for s in range(0, n_jets, batch_size):
+                ub = u[s:s + batch_size].to(dev)
+                seq = torch.full((len(ub), 1), START, dtype=torch.long, device=dev)
+                for t in range(max_constituents):
+                    logits = self.forward(seq)[:, -1, 1:]  # (B, V-1), start token excluded
+                    nxt = _inverse_cdf(logits, ub[:, t].to(logits.dtype), temperature) + 1
+                    seq = torch.cat([seq, nxt[:, None]], 1)
+                stop = torch.full((len(ub), 1), self.config.stop_token, dtype=torch.long, device=dev)
+                out[s:s + batch_size] = torch.cat([seq, stop], 1).cpu().numpy()
+        finally:
+            self.train(was_training)
+        return _finish(out, self.config.stop_token)
+
+
+# ---------------------------------------------------------------------- sampling helpers
+def draw_uniforms(n_jets: int, steps: int, generator: torch.Generator | None = None):
+    """The random numbers of a whole generation run: u[jet, step] ~ U[0, 1), (N, steps) float32."""
+    return torch.rand(n_jets, steps, generator=generator)
+
+
+def _inverse_cdf(logits, u, temperature: float, cdf=None):
+    """Index drawn from softmax(logits / temperature) by inverse CDF: logits (n, V), u (n,).
+
+    Exact up to float rounding; tokens whose probability underflows to 0 are never drawn.
+    ``logits`` is overwritten when it is a buffer (it is used as scratch space).
+    """
+    p = logits if cdf is not None else logits.clone()
+    p.sub_(p.amax(1, keepdim=True))
+    if temperature != 1.0:
+        p.mul_(1.0 / temperature)
+    p.exp_()
+    cdf = torch.cumsum(p, 1, out=cdf) if cdf is not None else torch.cumsum(p, 1)
+    x = u[:, None] * cdf[:, -1:]  # (n, 1) in [0, total)
+    idx = torch.searchsorted(cdf, x, right=True).squeeze(1)  # first index with cdf > x
+    return idx.clamp_(max=logits.shape[1] - 1)
+
+
+def sample_tokens(logits, u, temperature: float = 1.0):
+    """Public form of the sampler: one index per row of ``logits`` (n, V) from uniforms u (n,)."""
+    return _inverse_cdf(logits.clone(), u.to(logits.dtype), temperature)
+
+
+def _finish(tokens: np.ndarray, stop: int):
+    """Cut each row after its first stop token: returns (seq padded with 0, mask)."""
+    is_stop = tokens == stop
+    is_stop[:, 0] = False
+    first = is_stop.argmax(1)  # every row has a stop (forced at the end)
+    mask = np.arange(tokens.shape[1])[None, :] <= first[:, None]
+    return np.where(mask, tokens, 0), mask
+
+
+def sequences_to_codes(seq, mask, vocab_size: int):
+    """Tokenizer codes of sequences: (codes (N, L-2) int64 = id - 1, padded with -1; code mask)."""
+    seq, mask = np.asarray(seq), np.asarray(mask, bool)
+    body, m = seq[:, 1:-1], mask[:, 1:-1] & (seq[:, 1:-1] != vocab_size - 1)
+    return np.where(m, body - 1, -1), m

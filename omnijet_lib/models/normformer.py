@@ -1,0 +1,85 @@
+"""NormFormer blocks (Shleifer et al. 2021) with masked self-attention over jet constituents.
+
+Shared by the conditional VQ-VAE (tokenizers/vqvae.py) and the Transformer classifier.
+A NormFormer block is a pre-LayerNorm Transformer block with two extra LayerNorms: one on the
+attention output before the residual sum, one after the feed-forward activation. Padding is
+handled by a key mask: real constituents never attend to padded ones, so what sits in the
+padded slots cannot change the outputs at real positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["FeedForward", "MaskedSelfAttention", "NormFormerBlock", "attention_key_mask"]
+
+
+def attention_key_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``(B, L)`` bool of real entries -> ``(B, 1, 1, L)`` key mask for scaled_dot_product_attention.
+
+    A row without any real entry would make the softmax 0/0 = NaN; such rows attend to slot 0
+    instead (their outputs are padding and are discarded anyway).
+    """
+    keys = mask.clone()
+    keys[:, 0] |= ~mask.any(dim=1)
+    return keys[:, None, None, :]
+
+
+class FeedForward(nn.Module):
+    """NormFormer feed-forward sub-block: LN -> Linear -> act -> LN -> dropout -> Linear (+ residual)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.1, activation: type[nn.Module] = nn.SiLU):
+        super().__init__()
+        self.ln_in = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = activation()
+        self.ln_mid = nn.LayerNorm(hidden)
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
+        h = self.act(self.fc1(self.ln_in(x)))
+        return x + self.fc2(self.drop(self.ln_mid(h)))
+
+
+class MaskedSelfAttention(nn.Module):
+    """Multi-head self-attention; padded keys are masked out."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.1):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, L, d)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, L, d)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class NormFormerBlock(nn.Module):
+    """x + drop(LN(attn(LN(x)))), then the NormFormer feed-forward with its own residual."""
+
+    def __init__(self, dim: int = 128, num_heads: int = 8, mlp_hidden: int = 128, dropout: float = 0.1,
+                 activation: type[nn.Module] = nn.SiLU):
+        super().__init__()
+        self.ln_attn_in = nn.LayerNorm(dim)
+        self.attn = MaskedSelfAttention(dim, num_heads, dropout)
+        self.ln_attn_out = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+        self.ffn = FeedForward(dim, mlp_hidden, dropout, activation)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (B, L, D), ``mask`` (B, L) bool of real entries; ``key_mask`` from
+        :func:`attention_key_mask` may be passed to share it across blocks."""
+        if key_mask is None:
+            key_mask = attention_key_mask(mask)
+        x = x + self.drop(self.ln_attn_out(self.attn(self.ln_attn_in(x), key_mask)))
+        return self.ffn(x)
