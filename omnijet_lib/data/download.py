@@ -287,6 +287,8 @@ def iter_tar_members(read: Callable[[int, int], bytes], where: str = "archive") 
             name = long_name or pax.get("path") or name.decode("utf-8", "surrogateescape")
             if "size" in pax:
                 size = int(pax["size"])
+            if kind == b"5":
+                name = name.rstrip("/")
             yield TarMember(name, data, size, kind)
             long_name, pax = None, {}
         offset = data + -(-size // _BLOCK) * _BLOCK

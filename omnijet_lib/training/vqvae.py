@@ -1,0 +1,187 @@
+"""Training of the VQ-VAE tokenizers with Lightning.
+
+loss = MSE(reconstruction, real entries only) + 10 × quantizer loss; AdamW (lr 1e-3, weight
+decay 1e-2) with a one-cycle learning-rate schedule over the trainer's estimated steps.
+Batches come from :func:`make_loader` (length-bucketed, trimmed to the longest jet), so
+attention, quantizer and loss never touch padding beyond that. The codebook is k-means
+initialised from the first training batch (inside the quantizer). Resumable through
+:func:`fit` (``out_dir/last.ckpt``); the result is saved as ``out_dir/tokenizer.safetensors``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from ..io import OmnijetError, write_json
+from ..tokenizers.base import TOKENIZER_KINDS, save_tokenizer
+from ..tokenizers.binned import BinnedConfig, BinnedTokenizer
+from ..tokenizers.vqvae import VQVAE, VQVAEConfig
+from .batching import PaddedDataset, make_loader
+from .fit import TrainConfig, default_device, fit
+
+log = logging.getLogger(__name__)
+
+__all__ = ["VQVAEModule", "codebook_stats", "one_cycle", "train_tokenizer", "make_tokenizer"]
+
+
+def codebook_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fraction of codes used, perplexity exp(H)) from per-code counts (K,)."""
+    counts = counts.float()
+    p = counts / counts.sum().clamp_min(1)
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
+    return (counts > 0).float().mean(), entropy.exp()
+
+
+def one_cycle(total_steps: int, pct_start: float = 0.3, div_factor: float = 25.0,
+              final_div_factor: float = 1e4):
+    """LR multiplier of the one-cycle policy (cosine warm-up from max/25 to max over 30% of the
+    steps, cosine decay to max/25/1e4), constant after ``total_steps``.
+
+    A plain function for ``LambdaLR`` rather than ``OneCycleLR``: its state holds no
+    ``total_steps``, so a resumed run with a different length continues instead of failing."""
+    total = max(int(total_steps), 1)
+    up = max(int(pct_start * total), 1)
+    lo, end = 1.0 / div_factor, 1.0 / (div_factor * final_div_factor)
+
+    def cos(a, b, frac):
+        return b + (a - b) * 0.5 * (1 + math.cos(math.pi * min(max(frac, 0.0), 1.0)))
+
+    def factor(step: int) -> float:
+        if step < up:
+            return cos(lo, 1.0, step / up)
+        return cos(1.0, end, (step - up) / max(total - up, 1))
+
+    return factor
+
+
+class VQVAEModule(pl.LightningModule):
+    """Lightning wrapper: the loss, the optimiser and codebook usage / perplexity logging."""
+
+    def __init__(self, model: VQVAE, lr: float = 1e-3, weight_decay: float = 1e-2, vq_weight: float = 10.0):
+        super().__init__()
+        self.model = model
+        self.lr, self.weight_decay, self.vq_weight = lr, weight_decay, vq_weight
+        self.history: list[dict] = []
+        self._val_counts = None
+
+    def losses(self, batch: dict):
+        """(total, mse, quantizer output) for a batch {"x": (B, L, 3), "mask": (B, L)}."""
+        x, mask = batch["x"], batch["mask"]
+        x_rec, q = self.model(x, mask)                   # (B, L, 3)
+        m = mask[..., None].to(x.dtype)
+        mse = ((x_rec - x) ** 2 * m).sum() / (m.sum() * x.shape[-1]).clamp_min(1)
+        return mse + self.vq_weight * q.loss, mse, q
+
+    def _counts(self, q, mask) -> torch.Tensor:
+        return torch.bincount(q.indices[mask], minlength=self.model.num_codes)
+
+    def training_step(self, batch, batch_idx):
+        loss, mse, q = self.losses(batch)
+        usage, ppl = codebook_stats(self._counts(q, batch["mask"]))
+        self.log_dict({"train_loss": loss, "train_mse": mse, "train_vq_loss": q.loss,
+                       "train_usage": usage, "train_perplexity": ppl},
+                      batch_size=len(batch["x"]), prog_bar=False)
+        self.log("loss", loss, prog_bar=True, logger=False, batch_size=len(batch["x"]))
+        return loss
+
+    def on_validation_epoch_start(self):
+        self._val_counts = torch.zeros(self.model.num_codes, dtype=torch.long, device=self.device)
+
+    def validation_step(self, batch, batch_idx):
+        loss, mse, q = self.losses(batch)
+        self._val_counts += self._counts(q, batch["mask"])
+        self.log_dict({"val_loss": loss, "val_mse": mse, "val_vq_loss": q.loss},
+                      batch_size=len(batch["x"]), prog_bar=True, sync_dist=True)
+
+    def on_validation_epoch_end(self):
+        counts = self.trainer.strategy.reduce(self._val_counts, reduce_op="sum")
+        usage, ppl = codebook_stats(counts)
+        self.log_dict({"val_usage": usage, "val_perplexity": ppl}, prog_bar=True)
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
+        self.history.append({"epoch": int(self.current_epoch), "step": int(self.global_step), **metrics,
+                             "val_usage": float(usage), "val_perplexity": float(ppl)})
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(self.trainer.estimated_stepping_batches))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# --------------------------------------------------------------------------- entry point
+def make_tokenizer(kind: str, num_codes: int | None = None, **model_kw):
+    """An untrained tokenizer of ``kind`` ("conditional", "unconditional", "binned").
+
+    For "binned", ``bins`` (per feature) may be given; otherwise ``num_codes`` must be a cube."""
+    if kind not in TOKENIZER_KINDS:
+        raise OmnijetError(f"tokenizer kind {kind!r} is unknown, expected one of {TOKENIZER_KINDS}")
+    if kind == "binned":
+        bins = model_kw.pop("bins", None)
+        if bins is None:
+            if num_codes is None:
+                raise OmnijetError("binned tokenizer: give bins or num_codes")
+            bins = round(num_codes ** (1 / 3))
+        if num_codes is not None and bins ** 3 != num_codes:
+            raise OmnijetError(f"binned tokenizer: num_codes {num_codes} is not bins³ (bins={bins})")
+        return BinnedTokenizer(BinnedConfig(bins=int(bins), **model_kw))
+    if num_codes is None or num_codes < 1:
+        raise OmnijetError(f"num_codes must be a positive integer, got {num_codes}")
+    try:
+        cfg = VQVAEConfig(conditional=kind == "conditional", num_codes=int(num_codes), **model_kw)
+    except TypeError as err:
+        raise OmnijetError(f"tokenizer parameters: {err}") from None
+    return VQVAE(cfg)
+
+
+def train_tokenizer(kind: str, x, mask, num_codes: int | None, epochs: int, batch_size: int = 512,
+                    out_dir: str | os.PathLike | None = None, train_config: TrainConfig | None = None,
+                    seed: int = 0, val_fraction: float = 0.1, **model_kw):
+    """Train (or, for "binned", fit the ranges of) a tokenizer on padded features.
+
+    ``x`` (N, L, 3) float, ``mask`` (N, L) bool. Saves ``out_dir/tokenizer.safetensors`` (and
+    ``history.json`` with per-epoch validation metrics); an interrupted run resumes from
+    ``out_dir/last.ckpt``. ``model_kw`` go to :class:`VQVAEConfig` (or ``bins`` for binned).
+    Returns the tokenizer in eval mode on the default device.
+    """
+    x = np.asarray(x, np.float32)
+    mask = np.asarray(mask, bool)
+    if x.ndim != 3 or mask.shape != x.shape[:2]:
+        raise OmnijetError(f"train_tokenizer: x {x.shape} and mask {mask.shape} must be (N, L, 3) and (N, L)")
+    if not np.isfinite(x[mask]).all():
+        raise OmnijetError("train_tokenizer: x contains NaN/inf in real entries")
+    if epochs < 0 or batch_size < 1 or not 0 <= val_fraction < 1:
+        raise OmnijetError(f"train_tokenizer: need epochs >= 0, batch_size >= 1, 0 <= val_fraction < 1 "
+                           f"(got {epochs}, {batch_size}, {val_fraction})")
+    out_dir = Path(out_dir) if out_dir is not None else None
+    torch.manual_seed(seed)
+    tok = make_tokenizer(kind, num_codes, **model_kw)
+    if kind == "binned":
+        tok.fit(x, mask)
+        if out_dir is not None:
+            save_tokenizer(out_dir / "tokenizer.safetensors", tok)
+        return tok.eval()
+
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(x))
+    n_val = int(round(val_fraction * len(x)))
+    if len(x) - n_val < 1:
+        raise OmnijetError(f"train_tokenizer: {len(x)} jets leave no training set")
+    tr, va = np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    train_loader = make_loader(PaddedDataset(x[tr], mask[tr]), batch_size, shuffle=True, seed=seed)
+    val_loader = make_loader(PaddedDataset(x[va], mask[va]), batch_size, shuffle=False) if n_val else None
+    cfg = dataclasses.replace(train_config or TrainConfig(), max_epochs=epochs, seed=seed)
+    module = VQVAEModule(tok)
+    fit(module, train_loader, val_loader, out_dir, cfg)
+    tok = module.model
+    tok.train_history = module.history
+    if out_dir is not None:
+        save_tokenizer(out_dir / "tokenizer.safetensors", tok)
+        write_json(out_dir / "history.json", module.history)
+    return tok.to(default_device()).eval()

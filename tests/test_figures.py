@@ -1,0 +1,41 @@
+"""The papermill runner validates profiles before running anything."""
+
+import pytest
+
+from omnijet_lib.figures import load_profile, notebooks, resolve_parameters
+from omnijet_lib.io import OmnijetError
+
+
+def test_profiles_validate_against_notebooks():
+    for name in ("ci", "quick", "paper"):
+        plan = resolve_parameters(load_profile(name), notebooks())
+        assert plan and all(isinstance(p, dict) for p in plan.values())
+
+
+def test_unknown_common_key_is_an_error(tmp_path):
+    p = tmp_path / "typo.yaml"
+    p.write_text("common:\n  per_clas: 10\n")
+    with pytest.raises(OmnijetError, match="per_clas not declared by any notebook"):
+        resolve_parameters(load_profile(p), notebooks())
+
+
+def test_unknown_notebook_key_and_section(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("00_dataset:\n  epochs: 3\n")
+    with pytest.raises(OmnijetError, match="00_dataset has no parameter"):
+        resolve_parameters(load_profile(p), notebooks())
+    p.write_text("99_nothing:\n  a: 1\n")
+    with pytest.raises(OmnijetError, match="section '99_nothing' names no notebook"):
+        resolve_parameters(load_profile(p), notebooks())
+
+
+def test_bad_yaml_and_negative_values(tmp_path):
+    p = tmp_path / "broken.yaml"
+    p.write_text("common:\n  per_class: [1, 2\n")
+    with pytest.raises(OmnijetError, match=r"broken.yaml: line \d+ invalid YAML"):
+        load_profile(p)
+    p.write_text("common:\n  per_class: -5\n")
+    with pytest.raises(OmnijetError, match="per_class = -5 must not be negative"):
+        resolve_parameters(load_profile(p), notebooks())
+    with pytest.raises(OmnijetError, match="profile not found"):
+        load_profile("no_such_profile")
