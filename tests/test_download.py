@@ -52,9 +52,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        srv.sent += len(body)  # counted before writing, so the client never sees a stale count
         try:
             self.wfile.write(body)
-            srv.sent += len(body)
         except (BrokenPipeError, ConnectionResetError):  # client stopped reading a stream early
             pass
 

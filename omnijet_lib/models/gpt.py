@@ -176,7 +176,7 @@ class GPT(nn.Module):
             self.train(was_training)
         return _finish(out, self.config.stop_token)
 
-    def _generate_batch(self, u, temperature: float, compact_fraction: float = 0.125):
+    def _generate_batch(self, u, temperature: float, compact_fraction: float = 0.1):
         """u (B, S) uniforms -> tokens (B, S + 2) with start at 0 and stop somewhere."""
         cfg, p = self.config, next(self.parameters())
         dev, dt = p.device, p.dtype

@@ -86,10 +86,9 @@ class VQVAEModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         loss, mse, q = self.losses(batch)
         usage, ppl = codebook_stats(self._counts(q, batch["mask"]))
-        self.log_dict({"train_loss": loss, "train_mse": mse, "train_vq_loss": q.loss,
-                       "train_usage": usage, "train_perplexity": ppl},
-                      batch_size=len(batch["x"]), prog_bar=False)
-        self.log("loss", loss, prog_bar=True, logger=False, batch_size=len(batch["x"]))
+        self.log("train_loss", loss, batch_size=len(batch["x"]), prog_bar=True)
+        self.log_dict({"train_mse": mse, "train_vq_loss": q.loss, "train_usage": usage,
+                       "train_perplexity": ppl}, batch_size=len(batch["x"]))
         return loss
 
     def on_validation_epoch_start(self):

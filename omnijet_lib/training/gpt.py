@@ -1,0 +1,120 @@
+"""Generative pre-training of the GPT backbone: next-token prediction on token sequences.
+
+Sequences come from the tokenizer: start 0, code+1 (1..K), stop K+1, padded after stop with
+``mask == False`` (the mask covers start..stop). Batches are length-bucketed and trimmed to their
+longest sequence (:func:`omnijet_lib.training.make_loader`), and the loss evaluates the output
+head on real positions only (:meth:`GPT.loss`), which makes training ~4x faster than padding
+every batch to 130 positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from ..io import OmnijetError
+from ..models.gpt import GPT, GPTConfig
+from .batching import PaddedDataset, make_loader
+from .fit import TrainConfig, fit, load_model, save_model
+
+__all__ = ["GPTModule", "train_gpt", "load_gpt", "check_sequences"]
+
+class GPTModule(pl.LightningModule):
+    """Lightning wrapper: mean next-token cross-entropy, AdamW."""
+
+    def __init__(self, config: GPTConfig, lr: float = 1e-3, weight_decay: float = 1e-2):
+        super().__init__()
+        self.model = GPT(config)
+        self.lr, self.weight_decay = lr, weight_decay
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model.loss(batch["x"], batch["mask"])
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["x"]))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss = self.model.loss(batch["x"], batch["mask"])
+        self.log("val_loss", loss, prog_bar=True, batch_size=len(batch["x"]), sync_dist=True)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def check_sequences(seq, mask, vocab_size: int, max_len: int, name: str = "seq"):
+    """Validate tokenizer sequences; returns (seq int64, mask bool) numpy arrays or raises
+    :class:`OmnijetError` naming the problem."""
+    seq, mask = np.asarray(seq), np.asarray(mask)
+    if seq.ndim != 2 or seq.shape != mask.shape:
+        raise OmnijetError(f"{name}: expected (N, L) token ids and a mask of the same shape, "
+                           f"got {seq.shape} and {mask.shape}")
+    if not np.issubdtype(seq.dtype, np.integer):
+        raise OmnijetError(f"{name}: token ids must be integers, got {seq.dtype}")
+    if seq.shape[1] > max_len:
+        raise OmnijetError(f"{name}: sequences have {seq.shape[1]} positions, the model allows {max_len}")
+    seq, mask = seq.astype(np.int64), mask.astype(bool)
+    n = mask.sum(1)
+    if len(seq) and n.min() < 2:
+        raise OmnijetError(f"{name}: jet {int(np.argmin(n))} has fewer than 2 tokens (start and stop)")
+    if np.any(mask[:, 1:] & ~mask[:, :-1]):
+        raise OmnijetError(f"{name}: mask must be a prefix (real tokens first, padding after stop)")
+    real = seq[mask]
+    if real.size and (real.min() < 0 or real.max() >= vocab_size):
+        raise OmnijetError(f"{name}: token ids span {real.min()}..{real.max()}, outside the vocabulary "
+                           f"0..{vocab_size - 1} (vocab_size {vocab_size})")
+    if len(seq) and np.any(seq[:, 0] != 0):
+        raise OmnijetError(f"{name}: every sequence must begin with the start token 0")
+    if len(seq) and np.any(seq[np.arange(len(seq)), n - 1] != vocab_size - 1):
+        raise OmnijetError(f"{name}: every sequence must end with the stop token {vocab_size - 1} "
+                           f"(is the vocabulary K + 2 of the tokenizer's codebook?)")
+    return seq, mask
+
+
+def train_gpt(seq, seq_mask, out_dir: str | os.PathLike, config: GPTConfig | None = None,
+              epochs: int | None = None, batch_size: int = 256, train_config: TrainConfig | None = None,
+              seed: int = 0, val_fraction: float = 0.1, lr: float = 1e-3) -> GPT:
+    """Train a GPT on tokenizer sequences ``seq`` (N, L<=max_len) int with ``seq_mask`` (N, L).
+
+    ``val_fraction`` of the jets (random, fixed by ``seed``) are held out for ``val_loss``; the
+    weights with the lowest ``val_loss`` are returned and saved to ``out_dir/gpt.safetensors``.
+    ``epochs`` overrides ``train_config.max_epochs``; ``seed`` sets the split, the batch order
+    and Lightning's seed. A rerun with the same ``out_dir`` resumes from ``last.ckpt``.
+    """
+    config = config or GPTConfig()
+    seq, seq_mask = check_sequences(seq, seq_mask, config.vocab_size, config.max_len)
+    if not 0 <= val_fraction < 1:
+        raise OmnijetError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    cfg = dataclasses.replace(train_config or TrainConfig(), seed=seed)
+    if epochs is not None:
+        cfg = dataclasses.replace(cfg, max_epochs=epochs)
+
+    order = np.random.default_rng(seed).permutation(len(seq))
+    n_val = int(round(val_fraction * len(seq))) if len(seq) > 1 else 0
+    if val_fraction > 0:
+        n_val = max(n_val, 1)
+    val, train = order[:n_val], order[n_val:]
+    train_loader = make_loader(PaddedDataset(seq[train], seq_mask[train]), batch_size, shuffle=True, seed=seed)
+    val_loader = (make_loader(PaddedDataset(seq[val], seq_mask[val]), batch_size, shuffle=False)
+                  if n_val else None)
+
+    module = GPTModule(config, lr=lr)
+    module = fit(module, train_loader, val_loader, out_dir=out_dir, config=cfg)
+    model = module.model.cpu().eval()
+    save_model(Path(out_dir) / "gpt.safetensors", model)
+    return model
+
+
+def load_gpt(path: str | os.PathLike, vocab_size: int | None = None, device: str = "cpu") -> GPT:
+    """Load a GPT saved by :func:`train_gpt`; ``vocab_size`` (K + 2 of the tokenizer in use) is
+    checked against the checkpoint."""
+    model, _ = load_model(path, GPT, GPTConfig, device=device)
+    have = model.config.vocab_size
+    if vocab_size is not None and have != vocab_size:
+        raise OmnijetError(f"{path}: GPT vocabulary is {have} ({have - 2} codes + start/stop) but the "
+                           f"tokenizer needs {vocab_size} ({vocab_size - 2} codes); retrain the GPT "
+                           f"with this tokenizer")
+    return model.eval()
