@@ -280,3 +280,15 @@ def test_inference_net_matches_ema():
     with torch.no_grad():
         assert torch.allclose(_inference_net(module)(x, t, cond, mask), module.ema(x, t, cond, mask), atol=1e-5)
     assert any("parametrizations" in n for n, _ in module.ema.named_parameters())  # original untouched
+
+
+def test_resume_with_other_config_is_refused(tmp_path):
+    from omnijet_lib.training import TrainConfig
+
+    x, mask, labels, jet_pt, jet_eta = toy_jets(64)
+    tc = TrainConfig(progress_bar=False, accelerator="cpu", devices=1)
+    train_epic_fm(x, mask, labels, jet_pt, jet_eta, tmp_path, config=TINY, epochs=1, batch_size=32, train_config=tc)
+    other = EPiCConfig(hidden=8, latent=4, n_layers=1)
+    with pytest.raises(OmnijetError, match="last.ckpt"):
+        train_epic_fm(x, mask, labels, jet_pt, jet_eta, tmp_path, config=other, epochs=2, batch_size=32,
+                      train_config=tc)

@@ -153,3 +153,26 @@ def test_w1_family():
         w1([], [1.0])
     with pytest.raises(OmnijetError, match="w1p"):
         w1p(xa[..., 0], ma, xb, mb)
+
+
+def test_summary_metrics_same_vs_shifted():
+    from omnijet_lib.metrics import jet_mass, summary_metrics
+
+    rng = np.random.default_rng(4)
+
+    def jets(n, width=0.4):
+        x = np.zeros((n, 16, 3), np.float32)
+        mask = np.arange(16)[None] < rng.integers(4, 17, n)[:, None]
+        x[mask] = (rng.normal(size=(n, 16, 3)) * [0.8, width, width] + [2.0, 0, 0])[mask]
+        return x, mask
+
+    # wider jets: larger mass and angular spread; (relative-pT EFPs ignore a global pT scale)
+    real, same, off = jets(300), jets(300), jets(300, width=0.6)
+    m = jet_mass(*real)
+    assert m.shape == (300,) and np.all(m > 0)
+    a = summary_metrics(*real, *same, n_batches=3)
+    b = summary_metrics(*real, *off, n_batches=3)
+    assert set(a) == set(b) and all(np.isfinite(v) for v in a.values())
+    for key in ("w1m", "w1p_eta_rel_scaled", "w1efp", "fpd", "kpd"):
+        assert b[key] > 2 * a[key], (key, a[key], b[key])
+    assert b["w1p_log_pt_scaled"] < 0.1

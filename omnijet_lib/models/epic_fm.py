@@ -97,10 +97,14 @@ def _point_jet_linear(lin: nn.Linear, points: torch.Tensor, jet: torch.Tensor) -
 
 
 def _masked_pool(points: torch.Tensor, mask: torch.Tensor, sum_scale: float) -> torch.Tensor:
-    """(B, N, H) points, (B, N) mask -> (B, 2H) = [masked mean, sum_scale * masked sum]."""
-    m = mask[..., None]
-    s = torch.where(m, points, 0.0).sum(1)  # (B, H); where(): padding NaN/inf cannot leak in
-    n = mask.sum(1, keepdim=True).clamp(min=1).to(points.dtype)  # (B, 1)
+    """(B, N, H) points, (B, N) mask -> (B, 2H) = [masked mean, sum_scale * masked sum].
+
+    The masked sum is a batched matrix product (no masked copy of the points). Padded points
+    must be finite: :class:`EPiCNet` zeroes padded inputs, so their activations are.
+    """
+    m = mask.to(points.dtype)[:, None, :]  # (B, 1, N)
+    s = torch.bmm(m, points)[:, 0]  # (B, H)
+    n = m.sum(2).clamp(min=1)  # (B, 1)
     return torch.cat([s / n, sum_scale * s], dim=1)
 
 

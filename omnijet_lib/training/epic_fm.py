@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -240,7 +241,16 @@ def train_epic_fm(x, mask, labels, jet_pt, jet_eta, out_dir: str | os.PathLike,
         ds = PaddedDataset(x[idx], mask[idx], label=labels[idx], jet_pt=jet_pt[idx], jet_eta=jet_eta[idx])
         return make_loader(ds, batch_size, shuffle=shuffle, seed=seed)
 
-    fit(module, loader(tr, True), loader(val, False) if n_val else None, out_dir=out_dir, config=cfg)
+    resuming = (Path(out_dir) / "last.ckpt").is_file()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*defined a `validation_step` but have no `val_dataloader`.*")
+        try:
+            fit(module, loader(tr, True), loader(val, False) if n_val else None, out_dir=out_dir, config=cfg)
+        except RuntimeError as err:
+            if resuming and ("size mismatch" in str(err) or "Missing key" in str(err)):
+                raise OmnijetError(f"{Path(out_dir) / 'last.ckpt'}: written for another config or training set, "
+                                   "cannot resume; use a new out_dir") from None
+            raise
     save_epic_fm(Path(out_dir) / CHECKPOINT_NAME, module)
     return module
 
