@@ -36,12 +36,6 @@ ANGLE_SCALE = 3.0   # 3 * eta_rel, 3 * phi_rel
 REL_CUT = 0.8       # |eta_rel|, |phi_rel| < 0.8
 
 
-def _flat(part: ak.Array) -> tuple[np.ndarray, ...]:
-    counts = ak.to_numpy(ak.num(part, axis=1))
-    cols = [ak.to_numpy(ak.flatten(getattr(part, c))).astype(np.float64) for c in ("px", "py", "pz")]
-    return counts, *cols
-
-
 def constituent_features(jets: ak.Array) -> ak.Array:
     """Scaled per-constituent features, jagged ``(n_jets, var, 3)`` float32, pT-ordered.
 
@@ -49,30 +43,38 @@ def constituent_features(jets: ak.Array) -> ak.Array:
     4-vectors). Columns: :data:`FEATURE_NAMES`.
     """
     part = jets.part if "part" in ak.fields(jets) else jets
-    counts, px, py, pz = _flat(part)
+    counts = ak.to_numpy(ak.num(part, axis=1))
+    energy = part.E if "E" in ak.fields(part) else part.energy
+    px, py, pz, e = (ak.to_numpy(ak.flatten(c)).astype(np.float32, copy=False)
+                     for c in (part.px, part.py, part.pz, energy))
     n = len(counts)
     jet_idx = np.repeat(np.arange(n), counts)
-    e = ak.to_numpy(ak.flatten(part.E if "E" in ak.fields(part) else part.energy)).astype(np.float64)
-    jpx, jpy, jpz, je = (np.bincount(jet_idx, w, minlength=n) for w in (px, py, pz, e))
+    # jet axis = 4-vector sum (accumulated in float64); empty jets get a dummy axis
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    nonempty = counts > 0
+    jpx, jpy, jpz = (np.zeros(n) for _ in range(3))
+    for out, c in ((jpx, px), (jpy, py), (jpz, pz)):
+        if nonempty.any():
+            out[nonempty] = np.add.reduceat(c, starts[nonempty], dtype=np.float64)
+    jet_eta = np.arcsinh(jpz / np.maximum(np.hypot(jpx, jpy), 1e-12)).astype(np.float32)
+    jet_phi = np.arctan2(jpy, jpx)
+    cos_j, sin_j = np.cos(jet_phi).astype(np.float32), np.sin(jet_phi).astype(np.float32)
     pt = np.hypot(px, py)
     with np.errstate(divide="ignore", invalid="ignore"):
-        eta = np.arcsinh(pz / pt)
-        jet_eta = np.arcsinh(jpz / np.hypot(jpx, jpy))
-    phi = np.arctan2(py, px)
-    jet_phi = np.arctan2(jpy, jpx)
-    eta_rel = eta - jet_eta[jet_idx]
-    phi_rel = np.mod(phi - jet_phi[jet_idx] + np.pi, 2 * np.pi) - np.pi
+        eta_rel = np.arcsinh(pz / pt) - jet_eta[jet_idx]
+    # rotating into the jet frame wraps phi_rel into (-pi, pi] for free
+    cj, sj = cos_j[jet_idx], sin_j[jet_idx]
+    phi_rel = np.arctan2(py * cj - px * sj, px * cj + py * sj)
     keep = (np.abs(eta_rel) < REL_CUT) & (np.abs(phi_rel) < REL_CUT) & (pt > 0)
-    feats = np.stack(
-        [np.log(np.where(keep, pt, 1.0)) - PT_SHIFT, ANGLE_SCALE * eta_rel, ANGLE_SCALE * phi_rel], axis=1
-    )[keep].astype(np.float32)
-    new_counts = np.bincount(jet_idx[keep], minlength=n)
-    kept_pt = pt[keep]
+    feats = np.empty((int(keep.sum()), 3), np.float32)
+    feats[:, 0] = np.log(pt[keep]) - PT_SHIFT
+    feats[:, 1] = ANGLE_SCALE * eta_rel[keep]
+    feats[:, 2] = ANGLE_SCALE * phi_rel[keep]
+    kept_jet = jet_idx[keep]
+    new_counts = np.bincount(kept_jet, minlength=n)
     # pT order inside each jet (JetClass files already are; only re-sort when needed)
-    same_jet = np.diff(jet_idx[keep]) == 0
-    if np.any(same_jet & (np.diff(kept_pt) > 0)):
-        order = np.lexsort((-kept_pt, jet_idx[keep]))
-        feats = feats[order]
+    if np.any((np.diff(kept_jet) == 0) & (np.diff(feats[:, 0]) > 0)):
+        feats = feats[np.lexsort((-feats[:, 0], kept_jet))]
     return ak.unflatten(feats, new_counts)
 
 
