@@ -61,10 +61,15 @@ def main(argv=None) -> int:
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("papermill").setLevel(logging.WARNING)  # its INFO lines would bury our errors
     try:
         return COMMANDS[argv[0]](argv[1:])
     except OmnijetError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # permission denied, disk full, a file where a folder should be, ...
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

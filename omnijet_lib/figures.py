@@ -32,9 +32,9 @@ PARAMS = REPO / "params"
 __all__ = ["notebooks", "load_profile", "resolve_parameters", "run_figures", "main"]
 
 
-def notebooks(directory: Path = NOTEBOOKS) -> list[Path]:
-    """The numbered notebooks (``NN_name.ipynb``) in order."""
-    return sorted(p for p in directory.glob("[0-9][0-9]_*.ipynb"))
+def notebooks(directory: Path | None = None) -> list[Path]:
+    """The numbered notebooks (``NN_name.ipynb``) in order (default: :data:`NOTEBOOKS`)."""
+    return sorted(p for p in Path(directory or NOTEBOOKS).glob("[0-9][0-9]_*.ipynb"))
 
 
 def load_profile(profile: str | Path) -> dict:
@@ -61,7 +61,30 @@ def declared_parameters(nb: Path) -> dict:
     """Parameters declared in the notebook's ``parameters`` cell: ``{name: default}``."""
     import papermill as pm
 
-    return {k: v["default"] for k, v in pm.inspect_notebook(str(nb)).items()}
+    try:
+        return {k: v["default"] for k, v in pm.inspect_notebook(str(nb)).items()}
+    except Exception as err:  # not JSON, not a notebook, unreadable
+        raise OmnijetError(f"{nb}: not a readable notebook ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _first_line(err) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _source_cell(nb: Path, cell_index: int, injected: bool) -> int:
+    """1-based number of the failing cell in the user's notebook: papermill's index counts the
+    cell it injects after the ``parameters`` cell (or first, when there is none)."""
+    import nbformat
+
+    try:
+        tags = [c.metadata.get("tags", []) for c in nbformat.read(str(nb), as_version=4).cells]
+    except Exception:
+        return cell_index + 1
+    if not injected or any("injected-parameters" in t for t in tags):  # nothing inserted
+        return cell_index + 1
+    at = next((i + 1 for i, t in enumerate(tags) if "parameters" in t), 0)  # the injected cell's index
+    return cell_index + (1 if cell_index < at else 0)
 
 
 def resolve_parameters(profile: dict, nbs: list[Path]) -> dict[Path, dict]:
@@ -95,13 +118,13 @@ def resolve_parameters(profile: dict, nbs: list[Path]) -> dict[Path, dict]:
 def run_figures(profile: str = "ci", only: list[str] | None = None, out_dir: Path | None = None,
                 dry_run: bool = False) -> list[Path]:
     """Execute the notebooks in order; stop at the first failure naming notebook and cell."""
-    import papermill as pm
-
     plan = resolve_parameters(load_profile(profile), notebooks())  # validate the whole profile
     if only:
         plan = {nb: p for nb, p in plan.items() if any(nb.stem.startswith(o) for o in only)}
         if not plan:
             raise OmnijetError(f"no notebook matches {only}")
+    import papermill as pm  # slow to import: only once the profile is known to be valid
+
     out_dir = Path(out_dir or NOTEBOOKS / "executed")
     out_dir.mkdir(parents=True, exist_ok=True)
     done = []
@@ -115,8 +138,12 @@ def run_figures(profile: str = "ci", only: list[str] | None = None, out_dir: Pat
             pm.execute_notebook(str(nb), str(target), parameters=params, cwd=str(NOTEBOOKS),
                                 kernel_name="python3", progress_bar=False, log_output=False)
         except pm.PapermillExecutionError as err:
-            raise OmnijetError(f"{nb.name}: failed at cell {err.exec_count} "
-                               f"({err.ename}: {err.evalue.splitlines()[0] if err.evalue else ''}); "
+            src = err.source.strip().splitlines()[0][:60] if err.source and err.source.strip() else ""
+            raise OmnijetError(f"{nb.name}: cell {_source_cell(nb, err.cell_index, bool(params))} failed "
+                               f"({err.ename}: {_first_line(err.evalue)}) at `{src}`; "
+                               f"executed copy: {target}") from None
+        except Exception as err:  # kernel died, timeout, missing kernel, ...
+            raise OmnijetError(f"{nb.name}: execution aborted ({type(err).__name__}: {_first_line(err)}); "
                                f"executed copy: {target}") from None
         print(f"[{nb.stem}] done in {time.time() - t0:.0f} s", flush=True)
         done.append(target)

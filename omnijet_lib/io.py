@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -48,9 +49,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get the usual permissions
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -115,9 +123,14 @@ def safe_torch_load(path: str | os.PathLike, device: str = "cpu") -> Any:
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:
+        # torch's message is several paragraphs; keep the name of the refused object
+        text = str(err)
+        glob, other = re.search(r"GLOBAL ([\w.]+)", text), re.search(r"(Unsupported [^\n.]+)", text)
+        detail = f"it references {glob[1]}" if glob else other[1] if other else text.strip().splitlines()[0]
         raise OmnijetError(
-            f"{path}: refused to load, the file contains Python objects beyond tensors "
-            f"(possible code execution): {str(err).splitlines()[0]}"
+            f"{path}: refused to load, the pickle holds Python objects beyond tensors and could run "
+            f"code ({detail}); use a safetensors checkpoint"
         ) from None
-    except (RuntimeError, EOFError) as err:
-        raise OmnijetError(f"{path}: not a readable torch checkpoint ({err})") from None
+    except Exception as err:  # truncated zip, empty file, not a pickle at all, ...
+        first = str(err).split(". ")[0].strip() or "empty or truncated file"
+        raise OmnijetError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {first})") from None

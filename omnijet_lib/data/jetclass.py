@@ -140,7 +140,9 @@ def _open_tree(path: Path):
     try:
         f = uproot.open(path)
     except Exception as err:
-        raise OmnijetError(f"{path}: not a readable ROOT file ({_oneline(err)})") from None
+        with open(path, "rb") as fh:  # a ROOT file starts with "root": then it is cut or damaged
+            what = "truncated or corrupt ROOT file" if fh.read(4) == b"root" else "not a readable ROOT file"
+        raise OmnijetError(f"{path}: {what} ({_oneline(err)})") from None
     try:
         if _TREE not in f:
             keys = ", ".join(k.split(";")[0] for k in f.keys()) or "none"
@@ -157,8 +159,9 @@ def _open_tree(path: Path):
     return tree
 
 
-def _oneline(err: Exception) -> str:
-    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+def _oneline(err: Exception, limit: int = 200) -> str:
+    text = " ".join(str(err).split())  # uproot's deserialisation errors dump whole objects
+    return f"{type(err).__name__}: {text[:limit] + '...' if len(text) > limit else text}"
 
 
 def _labels_from_tree(path: Path, arrays: dict, n: int) -> np.ndarray:
@@ -174,23 +177,29 @@ def _labels_from_tree(path: Path, arrays: dict, n: int) -> np.ndarray:
     return onehot.argmax(axis=1).astype(np.int32)
 
 
-def _check_finite(path: Path, name: str, values: np.ndarray) -> None:
+def _check_finite(path: Path, name: str, values: np.ndarray, start: int = 0, counts=None) -> None:
+    """NaN/inf is an error naming the branch and the first bad jet (its entry in the tree)."""
     if values.dtype.kind == "f" and not np.isfinite(values).all():
-        bad = int((~np.isfinite(values)).sum())
-        raise OmnijetError(f"{path}: branch {name} contains {bad} NaN/inf values")
+        bad = ~np.isfinite(values)
+        first = int(np.argmax(bad))
+        if counts is not None:  # flat constituent index -> jet index
+            first = int(np.searchsorted(np.cumsum(counts), first, side="right"))
+        raise OmnijetError(f"{path}: branch {name} contains {int(bad.sum())} NaN/inf values "
+                           f"(first in entry {start + first})")
 
 
-def _chunk_to_jets(path: Path, arrays: dict) -> ak.Array:
+def _chunk_to_jets(path: Path, arrays: dict, start: int = 0) -> ak.Array:
     n = len(arrays["part_px"])
+    counts = ak.to_numpy(ak.num(arrays["part_px"], axis=1))
     parts = {}
     for b in ("part_px", "part_py", "part_pz", "part_energy"):
         flat = ak.to_numpy(ak.flatten(arrays[b])).astype(np.float32, copy=False)
-        _check_finite(path, b, flat)
+        _check_finite(path, b, flat, start, counts)
         parts[b] = arrays[b]
     labels = _labels_from_tree(path, arrays, n)
-    counts = ak.to_numpy(ak.num(arrays["part_px"], axis=1))
-    if (counts == 0).any():
-        raise OmnijetError(f"{path}: {int((counts == 0).sum())} jets have no constituents")
+    if (counts == 0).any():  # JetClass jets always have constituents; an empty one is a broken file
+        raise OmnijetError(f"{path}: {int((counts == 0).sum())} jets have no constituents "
+                           f"(first: entry {start + int(np.argmax(counts == 0))})")
     part = vector.zip({
         "px": parts["part_px"], "py": parts["part_py"], "pz": parts["part_pz"],
         "E": parts["part_energy"],
@@ -199,7 +208,7 @@ def _chunk_to_jets(path: Path, arrays: dict) -> ak.Array:
     for b in JET_BRANCHES:
         if b in arrays:
             v = np.asarray(arrays[b], dtype=np.float32)
-            _check_finite(path, b, v)
+            _check_finite(path, b, v, start)
             fields[b] = v
         else:
             fields[b] = np.zeros(n, np.float32)
@@ -218,13 +227,15 @@ def iter_jetclass(
     wanted = None if classes is None else {class_index(c) for c in classes}
     if max_jets is not None and max_jets < 0:
         raise OmnijetError(f"max_jets must be >= 0, got {max_jets}")
+    if step_size <= 0:  # uproot would fail inside the read and the file would be blamed
+        raise OmnijetError(f"step_size must be positive, got {step_size}")
     remaining = max_jets
     for path in paths:
         tree = _open_tree(path)
         names = [b for b in (*_REQUIRED, *JET_BRANCHES, *LABEL_BRANCHES) if b in tree.keys()]
         try:
-            for arrays in tree.iterate(names, step_size=step_size, library="ak"):
-                jets = _chunk_to_jets(path, {k: arrays[k] for k in arrays.fields})
+            for arrays, report in tree.iterate(names, step_size=step_size, library="ak", report=True):
+                jets = _chunk_to_jets(path, {k: arrays[k] for k in arrays.fields}, report.tree_entry_start)
                 if wanted is not None:
                     jets = jets[np.isin(ak.to_numpy(jets.label), list(wanted))]
                 if remaining is not None:
@@ -267,11 +278,9 @@ def write_jetclass(path: str | os.PathLike, jets: ak.Array) -> Path:
     # JetClass convention: part_deta is mirrored by the sign of the jet's eta.
     deta = part.deltaeta(jet_axis) * np.sign(jets.jet_eta) if n else part.px
     dphi = part.deltaphi(jet_axis) if n else part.px
-    branches = {
-        "part_px": part.px, "part_py": part.py, "part_pz": part.pz, "part_energy": part.E,
-        "part_deta": deta, "part_dphi": dphi,
-    }
-    branches = {k: ak.values_astype(ak.Array(v), np.float32) for k, v in branches.items()}
+    cols = {"px": part.px, "py": part.py, "pz": part.pz, "energy": part.E, "deta": deta, "dphi": dphi}
+    # a record named "part" becomes the TTree branches part_px, ... sharing one counter npart
+    branches = {"part": ak.zip({k: ak.values_astype(ak.Array(v), np.float32) for k, v in cols.items()})}
     for b in JET_BRANCHES:
         branches[b] = ak.to_numpy(jets[b]).astype(np.float32)
     labels = ak.to_numpy(jets.label)
@@ -279,6 +288,9 @@ def write_jetclass(path: str | os.PathLike, jets: ak.Array) -> Path:
         branches[b] = (labels == i).astype(np.float32)
     with atomic_path(path) as tmp:
         with uproot.recreate(tmp) as f:
-            f[_TREE] = branches
+            # mktree + extend writes a TTree like the official files (plain assignment would
+            # give an RNTuple in recent uproot); read_jetclass accepts both.
+            tree = f.mktree(_TREE, {k: (v.type.content if k == "part" else v.dtype) for k, v in branches.items()})
+            tree.extend(branches)
     log.info("wrote %d jets to %s", n, path)
     return path

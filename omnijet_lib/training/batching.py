@@ -117,12 +117,11 @@ class _BatchLoader:
 
     def __init__(self, dataset: PaddedDataset, sampler: BucketBatchSampler):
         self.dataset = dataset
+        # Lightning calls batch_sampler.set_epoch(epoch) before each epoch, also after a resume,
+        # so the batch order depends only on (seed, epoch)
         self.batch_sampler = sampler
-        self._epoch = 0
 
     def __iter__(self):
-        self.batch_sampler.set_epoch(self._epoch)
-        self._epoch += 1
         for idx in self.batch_sampler:
             yield self.dataset.batch(idx)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..io import OmnijetError, load_checkpoint, save_checkpoint
+from ..io import OmnijetError, atomic_path, load_checkpoint, safe_torch_load, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ def fit(module, train_loader, val_loader=None, out_dir: str | os.PathLike | None
         callbacks.append(best_cb)
         if resume and (out_dir / "last.ckpt").is_file():
             ckpt_path = out_dir / "last.ckpt"
+            _check_resume(ckpt_path)
             log.info("resuming from %s", ckpt_path)
     if cfg.patience is not None and val_loader is not None:
         callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"))
@@ -87,22 +88,41 @@ def fit(module, train_loader, val_loader=None, out_dir: str | os.PathLike | None
         enable_checkpointing=out_dir is not None, default_root_dir=out_dir,
         log_every_n_steps=cfg.log_every_n_steps, enable_model_summary=False,
         gradient_clip_val=cfg.gradient_clip_val, num_sanity_val_steps=0,
-        use_distributed_sampler=False,
+        use_distributed_sampler=False, plugins=[_atomic_checkpoint_io()],
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*number of training batches.*")
-        try:
-            trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True)
-        except Exception as err:
-            if ckpt_path is not None and "weights_only" in str(err):
-                raise OmnijetError(f"{ckpt_path}: refused to resume, checkpoint holds non-tensor objects") from None
-            raise
+        trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True)
     if best_cb is not None and val_loader is not None and best_cb.best_model_path:
         state = torch.load(best_cb.best_model_path, map_location="cpu", weights_only=True)
         module.load_state_dict(state["state_dict"])
     module.trainer_ = trainer
     return module
+
+
+def _check_resume(path: Path) -> None:
+    """Refuse a ``last.ckpt`` that is unreadable or carries code before Lightning touches it."""
+    try:
+        state = safe_torch_load(path)
+    except OmnijetError as err:
+        raise OmnijetError(f"{err}; cannot resume from it (delete it to start afresh)") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise OmnijetError(f"{path}: not a Lightning checkpoint (no state_dict); cannot resume from it")
+
+
+def _atomic_checkpoint_io():
+    """Lightning's default writes checkpoints through a temp file in the system temp folder and
+    moves it, which is a non-atomic copy when ``out_dir`` is on another filesystem (typical on
+    clusters). Write to a temp name next to the target and rename instead."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            with atomic_path(path) as tmp:
+                torch.save(checkpoint, tmp)
+
+    return AtomicCheckpointIO()
 
 
 # --------------------------------------------------------------------------- model export
@@ -112,6 +132,9 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, **extra_config) 
     cfg = dataclasses.asdict(model.config) if dataclasses.is_dataclass(getattr(model, "config", None)) else {}
     cfg = {"class": type(model).__name__, "config": cfg, **extra_config}
     return save_checkpoint(path, dict(model.state_dict()), cfg)
+
+
+_MISSING = object()
 
 
 def load_model(path: str | os.PathLike, model_cls, config_cls=None, device: str = "cpu", **expect):
@@ -125,10 +148,16 @@ def load_model(path: str | os.PathLike, model_cls, config_cls=None, device: str 
     if saved_cls and saved_cls != model_cls.__name__:
         raise OmnijetError(f"{path}: holds a {saved_cls}, expected a {model_cls.__name__}")
     raw = meta.get("config", {})
-    for k, v in expect.items():
-        if k in raw and raw[k] != v:
-            raise OmnijetError(f"{path}: {k} is {raw[k]} in the checkpoint but {v} is expected")
-    config = config_cls(**raw) if config_cls is not None else None
+    for k, v in expect.items():  # in the model config or in the extra config (save_model kwargs)
+        have = raw[k] if k in raw else meta.get(k, _MISSING)
+        if have is _MISSING:
+            raise OmnijetError(f"{path}: {k} is not recorded in the checkpoint, cannot check it is {v}")
+        if have != v:
+            raise OmnijetError(f"{path}: {k} is {have} in the checkpoint but {v} is expected")
+    try:
+        config = config_cls(**raw) if config_cls is not None else None
+    except TypeError as err:  # saved by another version of the model (renamed/removed fields)
+        raise OmnijetError(f"{path}: saved config does not fit {config_cls.__name__} ({err})") from None
     model = model_cls(config) if config is not None else model_cls()
     own = model.state_dict()
     wrong = [k for k, v in own.items() if k in tensors and tensors[k].shape != v.shape]
