@@ -144,7 +144,9 @@ class GPT(nn.Module):
         return F.cross_entropy(logits, tgt[valid])
 
     # ------------------------------------------------------------------ sampling
-    def _check_generate(self, n_jets, batch_size, temperature, max_constituents):
+    def _check_generate(self, n_jets, batch_size, temperature, max_constituents) -> int:
+        if max_constituents is None:
+            max_constituents = self.config.max_len - 2  # 128 for the paper's sequences
         if n_jets < 0 or batch_size <= 0:
             raise OmnijetError(f"generate: n_jets must be >= 0 and batch_size > 0, got {n_jets}, {batch_size}")
         if not temperature > 0:
@@ -152,19 +154,23 @@ class GPT(nn.Module):
         if not 1 <= max_constituents <= self.config.max_len - 2:
             raise OmnijetError(f"generate: max_constituents must be in 1..{self.config.max_len - 2}, "
                                f"got {max_constituents}")
+        return max_constituents
 
     @torch.no_grad()
     def generate(self, n_jets: int, batch_size: int = 256, temperature: float = 1.0,
-                 generator: torch.Generator | None = None, max_constituents: int = 128):
+                 generator: torch.Generator | None = None, max_constituents: int | None = None):
         """Sample ``n_jets`` jets with a key/value cache.
 
         Returns numpy ``(seq, mask)``: seq (N, max_constituents + 2) int64 laid out like the
         training sequences (start 0, code+1 ..., stop), padded with 0 after stop; mask (N, ...)
         bool covering start..stop. Tokenizer codes are ``seq - 1`` where the mask is set,
         excluding positions 0 and the stop (see :func:`sequences_to_codes`). The start token is
-        never drawn; a jet reaching ``max_constituents`` gets a forced stop.
+        never drawn; a jet reaching ``max_constituents`` (default ``max_len - 2`` = 128) gets a
+        forced stop; as in the original, stop may be drawn first (an empty jet), which a trained
+        model makes rare. ``generator`` (CPU) draws all random numbers up front
+        (:func:`draw_uniforms`, 512 bytes per jet)
         """
-        self._check_generate(n_jets, batch_size, temperature, max_constituents)
+        max_constituents = self._check_generate(n_jets, batch_size, temperature, max_constituents)
         u = draw_uniforms(n_jets, max_constituents, generator)
         out = np.zeros((n_jets, max_constituents + 2), np.int64)
         was_training = self.training
@@ -176,12 +182,12 @@ class GPT(nn.Module):
             self.train(was_training)
         return _finish(out, self.config.stop_token)
 
-    def _generate_batch(self, u, temperature: float, compact_fraction: float = 0.1):
+    def _generate_batch(self, u, temperature: float):
         """u (B, S) uniforms -> tokens (B, S + 2) with start at 0 and stop somewhere."""
         cfg, p = self.config, next(self.parameters())
         dev, dt = p.device, p.dtype
         B, S = u.shape
-        u = u.to(dev, dt)
+        u = u.to(dev, dt).t().contiguous()  # (S, B): the draws of step t are one row
         H, hd, V = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.vocab_size
         caches = [(torch.empty(B, H, S, hd, device=dev, dtype=dt), torch.empty(B, H, S, hd, device=dev, dtype=dt))
                   for _ in self.blocks]  # per block: keys, values (B, H, S, hd)
@@ -189,43 +195,44 @@ class GPT(nn.Module):
         cdf = torch.empty(B, V - 1, device=dev, dtype=dt)
         w, b = self.head.weight[1:], self.head.bias[1:]  # the head without the start-token row
         tokens = torch.zeros(B, S + 2, dtype=torch.long, device=dev)  # output, start at 0
-        rows = torch.arange(B, device=dev)          # active slot -> output row
-        cur = torch.full((B,), START, dtype=torch.long, device=dev)  # last token of each active row
-        done = torch.zeros(B, dtype=torch.bool, device=dev)  # finished but not yet dropped
+        rows = torch.arange(B, device=dev)  # active slot -> output row; slots 0..n-1 are active
+        cur = torch.full((B,), START, dtype=torch.long, device=dev)  # last token of each active slot
         n = B
         for t in range(S):
             x = self.embed(cur[:n])  # (n, C)
             for block, (kc, vc) in zip(self.blocks, caches):
                 x = block.step(x, kc[:n], vc[:n], t)
             logits = torch.addmm(b, x, w.t(), out=probs[:n])  # (n, V-1): ids 1..V-1
-            nxt = _inverse_cdf(logits, u[rows[:n], t], temperature, cdf[:n]) + 1  # (n,)
-            live = ~done[:n]
-            tokens[rows[:n][live], t + 1] = nxt[live]
-            cur[:n] = nxt
-            done[:n] |= nxt == cfg.stop_token
-            n_done = int(done[:n].sum())
-            if n_done == n:
+            nxt = _inverse_cdf(logits, u[t, rows[:n]], temperature, cdf[:n]) + 1  # (n,)
+            tokens[rows[:n], t + 1] = nxt
+            fin = nxt == cfg.stop_token
+            n_fin = int(fin.sum())
+            if n_fin == n:
+                n = 0
                 break
-            if n_done and n_done >= compact_fraction * n:  # drop finished rows, keep the cache
-                keep = (~done[:n]).nonzero().squeeze(1)
-                m = len(keep)
-                for kc, vc in caches:
-                    kc[:m, :, : t + 1] = kc[keep, :, : t + 1]
-                    vc[:m, :, : t + 1] = vc[keep, :, : t + 1]
-                rows[:m], cur[:m] = rows[keep], cur[keep]
-                done[:m] = False
+            if n_fin:
+                # drop finished jets: the open ones among the last n_fin slots move into the
+                # finished slots in front (moves n_fin rows of the cache, not all of them)
+                m = n - n_fin
+                holes = fin[:m].nonzero().squeeze(1)
+                if len(holes):
+                    src = (~fin[m:]).nonzero().squeeze(1) + m
+                    for kc, vc in caches:
+                        kc[holes, :, : t + 1] = kc[src, :, : t + 1]
+                        vc[holes, :, : t + 1] = vc[src, :, : t + 1]
+                    rows[holes], nxt[holes] = rows[src], nxt[src]
                 n = m
-        else:  # rows still open after S constituents get the forced stop
-            tokens[rows[:n][~done[:n]], S + 1] = cfg.stop_token
+            cur[:n] = nxt[:n]
+        tokens[rows[:n], S + 1] = cfg.stop_token  # forced stop after S constituents
         return tokens
 
     @torch.no_grad()
     def generate_reference(self, n_jets: int, batch_size: int = 256, temperature: float = 1.0,
-                           generator: torch.Generator | None = None, max_constituents: int = 128):
+                           generator: torch.Generator | None = None, max_constituents: int | None = None):
         """The original algorithm: every step re-runs the model (and the head on every position)
         on the whole prefix; always ``max_constituents`` steps, no cache, no early exit. Same
         random draws and output format as :meth:`generate`."""
-        self._check_generate(n_jets, batch_size, temperature, max_constituents)
+        max_constituents = self._check_generate(n_jets, batch_size, temperature, max_constituents)
         u = draw_uniforms(n_jets, max_constituents, generator)
         out = np.zeros((n_jets, max_constituents + 2), np.int64)
         dev = next(self.parameters()).device

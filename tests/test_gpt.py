@@ -1,0 +1,255 @@
+"""GPT backbone: cached sampling equals the reference, sampler exactness, loss, training I/O."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from omnijet_lib.io import OmnijetError
+from omnijet_lib.models.gpt import GPT, GPTConfig, draw_uniforms, sample_tokens, sequences_to_codes
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The CPU is shared; one thread keeps these small models fast and timings stable."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+SMALL = GPTConfig(vocab_size=12, n_embd=32, n_head=4, n_layer=2, ffn=64, max_len=42)  # 10 codes
+
+
+def small_gpt(stop_bias=0.0, seed=0, dtype=torch.float32, **bias):
+    torch.manual_seed(seed)
+    model = GPT(SMALL).eval().to(dtype)
+    with torch.no_grad():
+        model.head.bias[-1] += stop_bias
+        for token, b in bias.items():
+            model.head.bias[int(token[1:])] += b
+    return model
+
+
+def random_sequences(n, vocab, max_len, rng, min_codes=1):
+    """Tokenizer-like sequences: start, codes+1, stop, zero padding."""
+    codes = rng.integers(min_codes, max_len - 1, n)
+    seq = np.zeros((n, max_len), np.int64)
+    mask = np.arange(max_len)[None] <= codes[:, None] + 1
+    for i, c in enumerate(codes):
+        seq[i, 1:c + 1] = rng.integers(1, vocab - 1, c)
+        seq[i, c + 1] = vocab - 1
+    return seq, mask
+
+
+# ---------------------------------------------------------------------------- sampling
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_generate_equals_reference(dtype):
+    model = small_gpt(stop_bias=-0.5, dtype=dtype)
+    kw = dict(n_jets=150, batch_size=64, max_constituents=40)  # 3 batches, the last one partial
+    seq, mask = model.generate(generator=torch.Generator().manual_seed(3), **kw)
+    ref, ref_mask = model.generate_reference(generator=torch.Generator().manual_seed(3), **kw)
+    n = mask.sum(1) - 2
+    assert n.std() > 2 and n.min() < 10 and n.max() == 40  # varied lengths, some forced stops
+    np.testing.assert_array_equal(seq, ref)
+    np.testing.assert_array_equal(mask, ref_mask)
+    # a different seed gives different jets
+    other, _ = model.generate(generator=torch.Generator().manual_seed(4), **kw)
+    assert not np.array_equal(seq, other)
+
+
+def test_generate_output_format():
+    model = small_gpt(stop_bias=1.0)
+    seq, mask = model.generate(40, batch_size=16, generator=torch.Generator().manual_seed(0), max_constituents=20)
+    assert seq.shape == mask.shape == (40, 22) and seq.dtype == np.int64 and mask.dtype == bool
+    n = mask.sum(1)
+    assert np.all(seq[:, 0] == 0)
+    assert np.all(seq[np.arange(40), n - 1] == SMALL.stop_token)
+    assert np.all(seq[~mask] == 0)
+    body = np.where(np.arange(22)[None] < (n - 1)[:, None], seq, 1)[:, 1:]
+    assert np.all((body >= 1) & (body <= SMALL.n_codes))  # only codes between start and stop
+    empty, empty_mask = model.generate(0)
+    assert empty.shape == empty_mask.shape == (0, SMALL.max_len)
+    model.train()
+    assert model.generate(3, batch_size=2)[0].shape == (3, SMALL.max_len)  # default: max_len - 2 constituents
+    assert model.training  # the mode is restored
+    codes, code_mask = sequences_to_codes(seq, mask, SMALL.vocab_size)
+    assert codes.shape == (40, 20) and np.array_equal(code_mask.sum(1), n - 2)
+    np.testing.assert_array_equal(codes[code_mask], seq[:, 1:-1][code_mask] - 1)
+    assert np.all(codes[~code_mask] == -1)
+
+
+def test_sampler_matches_softmax():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([1.0, -0.5, 2.0, 0.0, -3.0, 0.7, 1.5])
+    n = 100_000
+    for temperature in [1.0, 0.5, 2.0]:
+        u = torch.rand(n, generator=g)
+        idx = sample_tokens(logits.expand(n, -1), u, temperature)
+        counts = np.bincount(idx.numpy(), minlength=len(logits))
+        p = torch.softmax(logits / temperature, 0).double().numpy()
+        assert stats.chisquare(counts, n * p / p.sum()).pvalue > 1e-3
+        # the test has power: the softmax at another temperature is rejected
+        q = torch.softmax(logits / (temperature * 1.1), 0).double().numpy()
+        assert stats.chisquare(counts, n * q / q.sum()).pvalue < 1e-6
+
+
+def test_sampler_never_draws_zero_probability():
+    logits = torch.tensor([0.0, -1e4, 0.0, -float("inf")])
+    u = torch.cat([torch.zeros(1), torch.rand(20_000), torch.full((1,), 1 - 2**-24)])
+    idx = sample_tokens(logits.expand(len(u), -1), u)
+    assert set(idx.tolist()) == {0, 2}
+
+
+def test_generate_first_token_distribution():
+    """The full generate() path draws the first constituent from the model's softmax."""
+    model = small_gpt(stop_bias=-1.0, seed=1)
+    n, temperature = 30_000, 0.7
+    seq, _ = model.generate(n, batch_size=10_000, temperature=temperature,
+                            generator=torch.Generator().manual_seed(1), max_constituents=1)
+    with torch.no_grad():
+        logits = model(torch.zeros(1, 1, dtype=torch.long))[0, 0, 1:]  # start excluded
+    p = torch.softmax(logits.double() / temperature, 0).numpy()
+    counts = np.bincount(seq[:, 1] - 1, minlength=len(p))
+    assert stats.chisquare(counts, n * p).pvalue > 1e-3
+
+
+def test_start_token_never_emitted():
+    model = small_gpt(stop_bias=0.5, t0=30.0)  # start would win almost every draw
+    for fn in (model.generate, model.generate_reference):
+        seq, mask = fn(50, batch_size=32, generator=torch.Generator().manual_seed(0), max_constituents=10)
+        assert np.all(seq[:, 1:][mask[:, 1:]] > 0)
+
+
+def test_forced_stop_at_max_constituents():
+    model = small_gpt(stop_bias=-60.0)  # stop is never drawn
+    for max_c in (5, 40):
+        seq, mask = model.generate(20, batch_size=8, generator=torch.Generator().manual_seed(0),
+                                   max_constituents=max_c)
+        assert seq.shape[1] == max_c + 2
+        assert np.all(mask.sum(1) == max_c + 2) and np.all(seq[:, -1] == SMALL.stop_token)
+    with pytest.raises(OmnijetError, match="max_constituents"):
+        model.generate(2, max_constituents=SMALL.max_len - 1)
+
+
+def test_temperature():
+    model = small_gpt(stop_bias=1.0, seed=2)
+    with pytest.raises(OmnijetError, match="temperature"):
+        model.generate(2, temperature=0.0)
+    # temperature -> 0 is greedy decoding
+    seq, mask = model.generate(4, temperature=1e-3, generator=torch.Generator().manual_seed(0), max_constituents=12)
+    assert np.all(seq == seq[0])
+    greedy = [0]
+    with torch.no_grad():
+        while greedy[-1] != SMALL.stop_token and len(greedy) < 13:
+            greedy.append(int(model(torch.tensor([greedy]))[0, -1, 1:].argmax()) + 1)
+    if greedy[-1] != SMALL.stop_token:
+        greedy.append(SMALL.stop_token)
+    assert seq[0][mask[0]].tolist() == greedy
+    # a high temperature flattens the distribution: more distinct tokens
+    hot, hm = model.generate(200, temperature=5.0, generator=torch.Generator().manual_seed(0), max_constituents=12)
+    cold, cm = model.generate(200, temperature=0.3, generator=torch.Generator().manual_seed(0), max_constituents=12)
+    entropy = [stats.entropy(np.bincount(x[:, 1], minlength=SMALL.vocab_size)) for x in (cold, hot)]
+    assert entropy[1] > entropy[0] + 0.1
+
+
+def test_uniforms_are_drawn_up_front():
+    u1 = draw_uniforms(5, 7, torch.Generator().manual_seed(9))
+    u2 = draw_uniforms(5, 7, torch.Generator().manual_seed(9))
+    assert u1.shape == (5, 7) and torch.equal(u1, u2) and float(u1.min()) >= 0 and float(u1.max()) < 1
+
+
+# ---------------------------------------------------------------------------- model
+def test_paper_size():
+    model = GPT(GPTConfig())
+    n = sum(p.numel() for p in model.parameters())
+    assert 6.0e6 < n < 7.5e6  # ~6.7M in the paper
+
+
+def test_causal_and_padding_invariant():
+    model = small_gpt()
+    seq, mask = random_sequences(6, SMALL.vocab_size, 30, np.random.default_rng(0), min_codes=5)
+    seq, mask = torch.from_numpy(seq), torch.from_numpy(mask)
+    with torch.no_grad():
+        h = model.backbone(seq, mask)
+        changed = seq.clone()
+        changed[:, 4] = (changed[:, 4] % 9) + 1
+        h2 = model.backbone(changed, mask)
+        assert torch.allclose(h[:, :4], h2[:, :4], atol=1e-6)  # the past ignores the future
+        assert not torch.allclose(h[:, 4], h2[:, 4])
+        assert torch.all(h[~mask] == 0)
+        # any padding value gives the same result
+        assert torch.allclose(model.backbone(seq.masked_fill(~mask, 7), mask), h, atol=1e-6)
+
+
+def test_loss_equals_full_head_cross_entropy_and_trimming():
+    model = small_gpt(seed=3)
+    seq, mask = random_sequences(8, SMALL.vocab_size, SMALL.max_len, np.random.default_rng(1))
+    seq, mask = torch.from_numpy(seq), torch.from_numpy(mask)
+    with torch.no_grad():
+        loss = model.loss(seq, mask)
+        logits = model(seq[:, :-1])  # (B, T-1, V): head on every position
+        tgt = seq[:, 1:].masked_fill(~mask[:, 1:], -100)
+        naive = F.cross_entropy(logits.reshape(-1, SMALL.vocab_size), tgt.reshape(-1), ignore_index=-100)
+        assert torch.allclose(loss, naive, atol=1e-6)
+        L = int(mask.sum(1).max())
+        assert torch.allclose(model.loss(seq[:, :L], mask[:, :L]), loss, atol=1e-6)
+        at = mask[:, :-1].clone()
+        assert torch.allclose(model(seq[:, :-1], at=at), logits[at], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- training
+def test_train_save_load_resume(tmp_path):
+    from omnijet_lib.training import TrainConfig
+    from omnijet_lib.training.gpt import load_gpt, train_gpt
+
+    rng = np.random.default_rng(0)
+    # learnable sequences: code i is followed by i+1, length random
+    n, L = 96, 12
+    lengths = rng.integers(2, 9, n)
+    seq = np.zeros((n, L), np.int64)
+    mask = np.arange(L)[None] <= lengths[:, None] + 1
+    for i, c in enumerate(lengths):
+        first = rng.integers(1, SMALL.n_codes - c + 1)
+        seq[i, 1:c + 1] = np.arange(first, first + c)
+        seq[i, c + 1] = SMALL.stop_token
+    tc = TrainConfig(progress_bar=False, accelerator="cpu", devices=1)
+    cfg = GPTConfig(**{**SMALL.__dict__, "max_len": L})
+    with torch.no_grad():
+        before = GPT(cfg).loss(torch.from_numpy(seq), torch.from_numpy(mask)).item()
+    model = train_gpt(seq, mask, tmp_path, config=cfg, epochs=3, batch_size=16, train_config=tc)
+    assert (tmp_path / "gpt.safetensors").is_file() and (tmp_path / "last.ckpt").is_file()
+    with torch.no_grad():
+        after = model.loss(torch.from_numpy(seq), torch.from_numpy(mask)).item()
+    assert after < 0.8 * before
+
+    loaded = load_gpt(tmp_path / "gpt.safetensors", vocab_size=SMALL.vocab_size)
+    assert loaded.config == cfg
+    x = torch.from_numpy(seq[:4])
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(OmnijetError, match=r"vocabulary is 12 .* needs 8194"):
+        load_gpt(tmp_path / "gpt.safetensors", vocab_size=8194)
+
+    # resuming: a second call with more epochs continues from last.ckpt at epoch 3
+    train_gpt(seq, mask, tmp_path, config=cfg, epochs=4, batch_size=16, train_config=tc)
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True, map_location="cpu")
+    assert state["epoch"] == 3 and state["global_step"] == 4 * int(np.ceil(86 / 16))
+
+
+def test_train_rejects_bad_sequences(tmp_path):
+    from omnijet_lib.training.gpt import train_gpt
+
+    seq, mask = random_sequences(10, SMALL.vocab_size, 20, np.random.default_rng(0))
+    cfg = GPTConfig(**{**SMALL.__dict__, "max_len": 20})
+    bad = seq.copy()
+    bad[0, 1] = 99
+    with pytest.raises(OmnijetError, match="outside the vocabulary"):
+        train_gpt(bad, mask, tmp_path, config=cfg, epochs=1)
+    with pytest.raises(OmnijetError, match="stop token 13"):
+        train_gpt(seq, mask, tmp_path, config=GPTConfig(**{**cfg.__dict__, "vocab_size": 14}), epochs=1)
+    with pytest.raises(OmnijetError, match="start token"):
+        train_gpt(np.where(np.arange(20) == 0, 1, seq), mask, tmp_path, config=cfg, epochs=1)
+    with pytest.raises(OmnijetError, match="positions"):
+        train_gpt(seq, mask, tmp_path, config=SMALL.__class__(**{**cfg.__dict__, "max_len": 10}), epochs=1)
+    assert not any(tmp_path.iterdir())  # nothing written
