@@ -15,20 +15,24 @@ forced to the class's channel; m_H = 125 GeV. Every event goes through
 4. **jets** -- anti-kT R = 0.8 (FastJet, all events of a batch in one call), 500 < pT < 1000 GeV,
    |eta| < 2; for resonance classes the jet must lie within dR < 0.8 of the resonance *and* of
    each of its visible decay products (JetClass truth matching); at most 128 constituents, the
-   hardest kept; ``jet_sdmass`` (soft drop, beta = 0, z_cut = 0.1, R0 = 0.8, C/A) and
-   ``jet_tau1..4`` (:func:`omnijet_lib.observables.nsubjettiness`) are filled.
+   hardest kept; ``jet_tau1..4`` (:func:`omnijet_lib.observables.nsubjettiness`) are filled;
+   ``jet_sdmass`` (soft drop, beta = 0, z_cut = 0.1, R0 = 0.8, C/A) only with
+   ``soft_drop=True`` -- FastJet's grooming costs ~1 ms per jet -- and is 0 otherwise.
 
 Reproducibility: each class is cut into sub-chunks of ``chunk_jets`` accepted jets; a chunk's
 random streams (Pythia's and numpy's) are seeded from ``(seed, class, chunk)`` only, on a Pythia
 that was initialised from ``(seed, class)``. Pythia keeps no history between events that changes
 later events (``PhaseSpace:increaseMaximum`` stays off, so maximum violations give weights, not
 a new maximum), so a chunk does not depend on what its worker did before: the files are
-identical for any number of workers and any scheduling. Files are written atomically and a
-finished file is skipped on a rerun, so an interrupted run resumes.
+identical for any number of workers and any scheduling. Files are written atomically; a finished
+file is skipped on a rerun and finished chunks of an unfinished file are kept in ``.chunks/``,
+so an interrupted run resumes where it stopped.
 
-Detector thresholds were tuned so that the per-class mean multiplicities approach the real
-JetClass sample (mean 39 over all classes, ~1 GeV softest constituents); see
-:func:`validation_table`.
+Detector thresholds (tracks pT > 1.5 GeV, ECAL cells E > 1.5 GeV, HCAL cells E > 2 GeV) were
+tuned on 300 jets per class so that every class's mean multiplicity is within ~13% of the real
+JetClass sample (mean 39 over all classes, ~1 GeV softest constituents) and the median masses
+within ~10%; see :func:`validation_table`. Bump :data:`SIM_VERSION` whenever the output for the
+same settings changes: it is part of the cache key.
 """
 
 from __future__ import annotations
@@ -82,18 +86,22 @@ class SimulationConfig:
     max_constituents: int = 128
     match_dr: float = 0.8            # resonance and its decay products within this of the jet
     # simplified detector (CMS-like granularity and resolutions, thresholds tuned to JetClass)
-    track_pt_min: float = 1.0        # GeV, charged particles above it are kept individually
+    track_pt_min: float = 1.5        # GeV, charged particles above it are kept individually
     track_eta_max: float = 2.5
     calo_eta_max: float = 3.0
     ecal_cell: float = 0.0174        # cell size in eta and phi (photons, unreconstructed e)
     hcal_cell: float = 0.087         # neutral hadrons, soft / forward charged hadrons
-    ecal_e_min: float = 1.0          # GeV, cells below are dropped
+    ecal_e_min: float = 1.5          # GeV, cells below are dropped
     hcal_e_min: float = 2.0          # GeV
     ecal_resolution: tuple = (0.07, 0.007)   # sigma/E = stochastic/sqrt(E) (+) constant
     hcal_resolution: tuple = (1.5, 0.05)
     smear: bool = True
+    # jet substructure written to the files: tau_1..4 always (~0.7 ms/jet); the soft-drop mass
+    # costs ~1.1 ms/jet in FastJet (about 10% of Pythia's time), so jet_sdmass stays 0 unless on
+    soft_drop: bool = False
     # bookkeeping
-    chunk_jets: int = 200            # accepted jets per seeded sub-chunk (unit of reproducibility)
+    chunk_jets: int = 500            # accepted jets per seeded sub-chunk (unit of reproducibility,
+                                     # of work per process and of resume); ci sizes: 1 per class
     jets_per_file: int = 100_000     # like the official files
 
     def __post_init__(self) -> None:
@@ -142,8 +150,9 @@ def _versions() -> dict:
 # ------------------------------------------------------------------------------- processes
 @dataclass(frozen=True)
 class Process:
-    """One JetClass class: Pythia settings, the resonance to match (PDG id) and a first guess
-    of accepted jets per event (only sizes the first batch of a chunk)."""
+    """One JetClass class: Pythia settings, the resonance to match (PDG id) and the measured
+    accepted jets per event (sizes the first batch of a chunk and orders the work; the output
+    does not depend on it)."""
 
     description: str
     settings: tuple
@@ -163,18 +172,18 @@ _TT = ("Top:gg2ttbar = on", "Top:qqbar2ttbar = on")
 #: comes from the W+ (the W- decays hadronically); by CP symmetry of the H decay the jets are
 #: distributed exactly as with the opposite assignment, and the schema stores no charges.
 PROCESSES = (
-    Process("Z(->nu nu) + jet, the recoiling quark/gluon jet (as ZJetsToNuNu)", (*_ZJET, *_ZNUNU), None, 0.6),
-    Process("HZ, H->bb, Z->nu nu", (*_HZ, "25:onIfMatch = 5 -5"), 25, 0.45),
-    Process("HZ, H->cc, Z->nu nu", (*_HZ, "25:onIfMatch = 4 -4"), 25, 0.45),
-    Process("HZ, H->gg, Z->nu nu", (*_HZ, "25:onIfMatch = 21 21"), 25, 0.45),
+    Process("Z(->nu nu) + jet, the recoiling quark/gluon jet (as ZJetsToNuNu)", (*_ZJET, *_ZNUNU), None, 0.55),
+    Process("HZ, H->bb, Z->nu nu", (*_HZ, "25:onIfMatch = 5 -5"), 25, 0.43),
+    Process("HZ, H->cc, Z->nu nu", (*_HZ, "25:onIfMatch = 4 -4"), 25, 0.44),
+    Process("HZ, H->gg, Z->nu nu", (*_HZ, "25:onIfMatch = 21 21"), 25, 0.44),
     Process("HZ, H->WW*->4q, Z->nu nu", (*_HZ, "25:onIfMatch = 24 -24", *_W_HAD), 25, 0.4),
     Process("HZ, H->WW*->l nu qq' (l = e, mu), Z->nu nu",
             (*_HZ, "25:onIfMatch = 24 -24", "24:onMode = off", "24:onPosIfAny = 11 13",
-             "24:onNegIfAny = 1 2 3 4 5"), 25, 0.4),
+             "24:onNegIfAny = 1 2 3 4 5"), 25, 0.2),
     Process("Z + jet, Z->qq", (*_ZJET, "23:onMode = off", "23:onIfAny = 1 2 3 4 5"), 23, 0.5),
     Process("W + jet, W->qq'", (*_WJET, *_W_HAD), 24, 0.5),
-    Process("tt, both t->bW, W->qq'", (*_TT, *_W_HAD), 6, 0.7),
-    Process("tt, both t->bW, W->l nu (l = e, mu)", (*_TT, *_W_LEP), 6, 0.7),
+    Process("tt, both t->bW, W->qq'", (*_TT, *_W_HAD), 6, 0.68),
+    Process("tt, both t->bW, W->l nu (l = e, mu)", (*_TT, *_W_LEP), 6, 0.28),
 )
 
 _RESONANCES = (6, 23, 24, 25)       # followed through to their decay products
@@ -215,13 +224,13 @@ def _quiet_fastjet() -> None:
 
 def _pythia(cfg: SimulationConfig, label: int):
     """This process's Pythia for ``(settings, class)``, initialised once and reused by chunks."""
-    key = (json.dumps(cfg.settings(), sort_keys=True), label)
+    key = tuple(pythia_settings(cfg, label))
     if _STATE.get("key") != key:
         import pythia8mc
 
         _STATE.pop("pythia", None)
         py = pythia8mc.Pythia("", False)  # False: no banner
-        for s in pythia_settings(cfg, label):
+        for s in key:
             if not py.readString(s):
                 raise OmnijetError(f"Pythia rejected the setting {s!r}")
         if not py.init():
@@ -256,45 +265,65 @@ def _delta_r(eta1, phi1, eta2, phi2):
     return np.hypot(eta1 - eta2, dphi)
 
 
-def _truth(ids, d1, d2, base, evt, p4, resonance: int):
+def _truth(ids, d1, d2, base, resonance: int):
     """Resonances (last copy before the decay) and their visible decay products.
 
-    Returns a list of ``(event, eta, phi, leaf_eta, leaf_phi)`` with global indices into the
-    flat batch arrays. Vectorised search for the resonances; a short loop over their decay trees.
+    Returns ``(res, owner, leaf)``: global indices (into the flat batch arrays) of the
+    resonances, and for every visible decay product its resonance's position in ``res`` and its
+    own index. Vectorised search for the resonances; a short loop over their decay trees
+    (a few entries each), never over particles.
     """
-    px, py, pz = p4
     gd1 = np.where(d1 > 0, d1 + base, 0)
     gd2 = np.where(d2 > 0, d2 + base, 0)
     cand = np.flatnonzero((np.abs(ids) == resonance) & (d1 > 0))
-    last = cand[ids[gd1[cand]] != ids[cand]]  # copies (recoil) carry the same id as daughter
-    out = []
-    for r in last:
-        leaves, stack = [], [int(r)]
+    res = cand[ids[gd1[cand]] != ids[cand]]  # a recoil copy has one daughter with the same id
+    owner, leaves = [], []
+    for i, r in enumerate(res.tolist()):
+        stack = [r]
         while stack:
             k = stack.pop()
             while gd1[k] and gd1[k] == gd2[k] and ids[gd1[k]] == ids[k]:  # follow the copies
-                k = gd1[k]
-            if not gd1[k]:
+                k = int(gd1[k])
+            a, b = int(gd1[k]), int(gd2[k])
+            if not a:
                 continue
-            kids = (gd1[k], gd2[k]) if 0 < gd2[k] < gd1[k] else range(gd1[k], max(gd2[k], gd1[k]) + 1)
-            for c in kids:
-                a = abs(ids[c])
-                if a in _RESONANCES:
+            for c in ((a, b) if 0 < b < a else range(a, max(a, b) + 1)):
+                pdg = abs(int(ids[c]))
+                if pdg in _RESONANCES:
                     stack.append(c)
-                elif a not in _NEUTRINOS:
+                elif pdg not in _NEUTRINOS:
+                    owner.append(i)
                     leaves.append(c)
-        _, eta, phi = _eta_phi(px[r], py[r], pz[r])
-        lv = np.asarray(leaves, dtype=np.int64)
-        _, leta, lphi = _eta_phi(px[lv], py[lv], pz[lv])
-        out.append((int(evt[r]), eta, phi, leta, lphi))
-    return out
+    return res, np.asarray(owner, dtype=np.int64), np.asarray(leaves, dtype=np.int64)
 
 
-def _cells(evt, px, py, pz, e, size, eta_max, e_min, resolution, smear, rng):
-    """Sum particles into (eta, phi) cells per event; smear; return massless cells above e_min."""
-    if len(evt) == 0:
-        z = np.zeros(0)
-        return evt, z, z, z, z
+def _match(res_evt, r_eta, r_phi, owner, l_eta, l_phi, j_off, j_eta, j_phi, ok, max_dr):
+    """JetClass truth matching, vectorised: a jet is accepted for a resonance when it passes
+    the cuts (``ok``) and lies within ``max_dr`` of the resonance and of each decay product.
+    Each resonance takes its closest such jet; each jet is used once."""
+    n_j = j_off[res_evt + 1] - j_off[res_evt]                  # jets in each resonance's event
+    p_start = np.concatenate([[0], np.cumsum(n_j)])
+    p_res = np.repeat(np.arange(len(res_evt)), n_j)            # (P,) one pair per (res, jet)
+    p_jet = np.arange(p_start[-1]) - p_start[p_res] + j_off[res_evt[p_res]]
+    dr = _delta_r(j_eta[p_jet], j_phi[p_jet], r_eta[p_res], r_phi[p_res])
+    worst = np.zeros(len(p_res))                               # max dR(jet, decay products)
+    n_l = n_j[owner]
+    l_rep = np.repeat(np.arange(len(owner)), n_l)              # (leaf, jet) pairs
+    within = np.arange(n_l.sum()) - np.repeat(np.cumsum(n_l) - n_l, n_l)
+    l_pair = p_start[owner[l_rep]] + within
+    np.maximum.at(worst, l_pair, _delta_r(j_eta[p_jet[l_pair]], j_phi[p_jet[l_pair]],
+                                          l_eta[l_rep], l_phi[l_rep]))
+    good = np.flatnonzero(ok[p_jet] & (dr < max_dr) & (worst < max_dr))
+    good = good[np.lexsort((dr[good], p_res[good]))]           # per resonance, closest first
+    good = good[np.unique(p_res[good], return_index=True)[1]]
+    good = good[np.unique(p_jet[good], return_index=True)[1]]
+    accepted = np.zeros(len(ok), dtype=bool)
+    accepted[p_jet[good]] = True
+    return accepted
+
+
+def _cell_sums(evt, px, py, pz, e, size, eta_max):
+    """Sum particles into (eta, phi) cells of ``size`` per event; cells ordered by (event, cell)."""
     _, eta, phi = _eta_phi(px, py, pz)
     n_eta = int(math.ceil(2 * eta_max / size))
     n_phi = int(round(2 * np.pi / size))
@@ -302,16 +331,24 @@ def _cells(evt, px, py, pz, e, size, eta_max, e_min, resolution, smear, rng):
     iphi = np.clip(((phi + np.pi) * (n_phi / (2 * np.pi))).astype(np.int64), 0, n_phi - 1)
     key = (evt.astype(np.int64) * n_eta + ieta) * n_phi + iphi
     uniq, inv = np.unique(key, return_inverse=True)
-    sx, sy, sz, se = (np.bincount(inv, w, minlength=len(uniq)) for w in (px, py, pz, e))
-    if smear:  # log-normal with mean E and CMS-like sigma(E), as Delphes does
-        a, b = resolution
-        rel2 = a * a / np.maximum(se, 1e-9) + b * b
-        s = np.sqrt(np.log1p(rel2))
+    sums = [np.bincount(inv, w, minlength=len(uniq)) for w in (px, py, pz, e)]
+    return (uniq // (n_eta * n_phi)).astype(np.int64), *sums
+
+
+def _calorimeter(cells, cfg: SimulationConfig, rng):
+    """Smear the ECAL and HCAL cells and keep those above threshold as massless candidates
+    along the cell's momentum sum. The random draws go event by event (ECAL, then HCAL cells),
+    so the result does not depend on how the events were split into batches."""
+    evt, sx, sy, sz, se, a, b, e_min = (np.concatenate(x) for x in zip(*cells))
+    order = np.argsort(evt, kind="stable")
+    evt, sx, sy, sz, se, a, b, e_min = (x[order] for x in (evt, sx, sy, sz, se, a, b, e_min))
+    if cfg.smear:  # log-normal with mean E and sigma/E = a/sqrt(E) (+) b, as Delphes does
+        s = np.sqrt(np.log1p(a * a / np.maximum(se, 1e-9) + b * b))
         se = se * np.exp(s * rng.standard_normal(len(se)) - 0.5 * s * s)
     keep = se > e_min
     norm = np.sqrt(sx**2 + sy**2 + sz**2)
     f = np.where(norm > 0, se / np.where(norm > 0, norm, 1), 0.0)
-    return (uniq[keep] // (n_eta * n_phi)).astype(np.int64), (sx * f)[keep], (sy * f)[keep], (sz * f)[keep], se[keep]
+    return evt[keep], (sx * f)[keep], (sy * f)[keep], (sz * f)[keep], se[keep]
 
 
 def _reconstruct(batch, cfg: SimulationConfig, label: int, rng, charged: np.ndarray):
@@ -341,11 +378,12 @@ def _reconstruct(batch, cfg: SimulationConfig, label: int, rng, charged: np.ndar
     em = ~trk & ((a == 22) | (a == 11))
     had = ~trk & ~em
     evt = evt_all[fs]
-    parts = [(evt[trk], px[trk], py[trk], pz[trk], e[trk])]
-    for m, size, emin, res in ((em, cfg.ecal_cell, cfg.ecal_e_min, cfg.ecal_resolution),
-                               (had, cfg.hcal_cell, cfg.hcal_e_min, cfg.hcal_resolution)):
-        parts.append(_cells(evt[m], px[m], py[m], pz[m], e[m], size, cfg.calo_eta_max, emin,
-                            res, cfg.smear, rng))
+    cells = []
+    for m, size, (a_res, b_res), emin in ((em, cfg.ecal_cell, cfg.ecal_resolution, cfg.ecal_e_min),
+                                          (had, cfg.hcal_cell, cfg.hcal_resolution, cfg.hcal_e_min)):
+        c = _cell_sums(evt[m], px[m], py[m], pz[m], e[m], size, cfg.calo_eta_max)
+        cells.append((*c, *(np.full(len(c[0]), v) for v in (a_res, b_res, emin))))
+    parts = [(evt[trk], px[trk], py[trk], pz[trk], e[trk]), _calorimeter(cells, cfg, rng)]
     c_evt, c_px, c_py, c_pz, c_e = (np.concatenate(x) for x in zip(*parts))
     order = np.argsort(c_evt, kind="stable")
     c_evt, c_px, c_py, c_pz, c_e = (x[order] for x in (c_evt, c_px, c_py, c_pz, c_e))
@@ -368,26 +406,19 @@ def _reconstruct(batch, cfg: SimulationConfig, label: int, rng, charged: np.ndar
     if resonance is None:
         accepted = ok
     else:
-        accepted = np.zeros(len(ok), dtype=bool)
+        d1, d2 = (ak.to_numpy(ak.flatten(prt[f])) for f in ("daughter1", "daughter2"))
+        res, owner, leaf = _truth(ids, d1, d2, offsets[:-1][evt_all], resonance)
+        _, r_eta, r_phi = _eta_phi(*(q[res] for q in p4[:3]))
+        _, l_eta, l_phi = _eta_phi(*(q[leaf] for q in p4[:3]))
         j_off = np.concatenate([[0], np.cumsum(j_counts)])
-        for ev, r_eta, r_phi, l_eta, l_phi in _truth(ids, *(ak.to_numpy(ak.flatten(prt[f])) for f in
-                                                            ("daughter1", "daughter2")),
-                                                     offsets[:-1][evt_all], evt_all, p4[:3], resonance):
-            js = np.arange(j_off[ev], j_off[ev + 1])
-            js = js[ok[js] & ~accepted[js]]
-            if not len(js):
-                continue
-            dr = _delta_r(j_eta[js], j_phi[js], r_eta, r_phi)
-            if len(l_eta):
-                dl = _delta_r(j_eta[js, None], j_phi[js, None], l_eta[None, :], l_phi[None, :]).max(axis=1)
-            else:
-                dl = np.zeros(len(js))
-            good = (dr < cfg.match_dr) & (dl < cfg.match_dr)
-            if good.any():
-                accepted[js[good][np.argmin(dr[good])]] = True
+        accepted = _match(evt_all[res], r_eta, r_phi, owner, l_eta, l_phi, j_off, j_eta, j_phi,
+                          ok, cfg.match_dr)
 
     # --- constituents of the accepted jets, pT-ordered, hardest max_constituents
     sel = np.flatnonzero(accepted)
+    if not len(sel):
+        z = np.zeros(0)
+        return np.zeros(0, np.int64), z, z, z, z
     n_const = ak.to_numpy(ak.flatten(ak.num(cidx, axis=2)))
     flat_idx = ak.to_numpy(ak.flatten(cidx, axis=None)).astype(np.int64)
     start = np.concatenate([[0], np.cumsum(n_const)])
@@ -407,9 +438,9 @@ def _reconstruct(batch, cfg: SimulationConfig, label: int, rng, charged: np.ndar
 
 
 # ------------------------------------------------------------------------------ one chunk
-def _jet_extras(counts, px, py, pz, e) -> dict:
-    """``jet_sdmass`` (soft drop beta=0, z_cut=0.1, R0=0.8 on a C/A reclustering) and
-    ``jet_tau1..4`` (exclusive-kT N-subjettiness, beta = 1)."""
+def _jet_extras(counts, px, py, pz, e, soft_drop: bool) -> dict:
+    """``jet_tau1..4`` (exclusive-kT N-subjettiness, beta = 1) and, if ``soft_drop``,
+    ``jet_sdmass`` (soft drop beta = 0, z_cut = 0.1, R0 = 0.8 on a C/A reclustering)."""
     import fastjet
 
     from ..observables import nsubjettiness
@@ -418,9 +449,11 @@ def _jet_extras(counts, px, py, pz, e) -> dict:
     if n == 0:
         return {k: np.zeros(0, np.float32) for k in ("jet_sdmass", "jet_tau1", "jet_tau2", "jet_tau3", "jet_tau4")}
     part = ak.unflatten(ak.zip({"px": px, "py": py, "pz": pz, "E": e}), counts)
-    cs = fastjet.ClusterSequence(part, fastjet.JetDefinition(fastjet.cambridge_algorithm, 0.8))
-    sd = cs.exclusive_jets_softdrop_grooming(njets=1, beta=0, symmetry_cut=0.1, R0=0.8)
-    out = {"jet_sdmass": np.nan_to_num(ak.to_numpy(sd.msoftdrop)).astype(np.float32)}
+    out = {"jet_sdmass": np.zeros(n, np.float32)}
+    if soft_drop:
+        cs = fastjet.ClusterSequence(part, fastjet.JetDefinition(fastjet.cambridge_algorithm, 0.8))
+        sd = cs.exclusive_jets_softdrop_grooming(njets=1, beta=0, symmetry_cut=0.1, R0=0.8)
+        out["jet_sdmass"] = np.nan_to_num(ak.to_numpy(sd.msoftdrop)).astype(np.float32)
     taus = nsubjettiness(part, n_max=4)
     for i in range(4):
         out[f"jet_tau{i + 1}"] = taus[:, i].astype(np.float32)
@@ -430,7 +463,7 @@ def _jet_extras(counts, px, py, pz, e) -> dict:
 def _simulate_chunk(task) -> dict:
     """Generate exactly ``n_jets`` accepted jets of class ``label`` for sub-chunk ``chunk``."""
     cfg, label, chunk, n_jets = task
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     py = _pythia(cfg, label)
     t_init = time.perf_counter() - t_start
     ss = _seed_sequence(cfg, label, 1, chunk)
@@ -439,8 +472,9 @@ def _simulate_chunk(task) -> dict:
     pieces, got, n_events, t_gen = [], 0, 0, 0.0
     rate = PROCESSES[label].jets_per_event
     while got < n_jets:
-        # size the batch from this chunk's own acceptance so far (deterministic), +10% margin
-        n_try = int(min(max(math.ceil((n_jets - got) / max(rate, 0.02) * 1.1), 4), 500))
+        # size the batch from this chunk's own acceptance so far (deterministic: it depends on
+        # the chunk's events only); small overshoot, few batches
+        n_try = int(min(max(math.ceil((n_jets - got) / max(rate, 0.02)) + 2, 4), 250))
         t0 = time.perf_counter()
         batch = py.nextBatch(n_try)
         t_gen += time.perf_counter() - t0
@@ -455,11 +489,12 @@ def _simulate_chunk(task) -> dict:
     counts = np.concatenate([p[0] for p in pieces])[:n_jets]
     n_c = int(counts.sum())
     px, py_, pz, e = (np.concatenate([p[i] for p in pieces])[:n_c].astype(np.float32) for i in range(1, 5))
-    extras = _jet_extras(counts, *(a.astype(np.float64) for a in (px, py_, pz, e)))
+    extras = _jet_extras(counts, *(a.astype(np.float64) for a in (px, py_, pz, e)), cfg.soft_drop)
     return {
         "label": label, "chunk": chunk, "counts": counts.astype(np.int64),
         "px": px, "py": py_, "pz": pz, "E": e, "extras": extras, "n_events": n_events,
         "t_init": t_init, "t_gen": t_gen, "t_total": time.perf_counter() - t_start,
+        "cpu": time.process_time() - c_start, "pid": os.getpid(),
     }
 
 
@@ -479,8 +514,8 @@ def simulate_class(label, n_jets: int, seed: int = 1, config: SimulationConfig |
     first ``n_jets`` of that class in :func:`simulate_dataset` with the same settings."""
     label = class_index(label)
     cfg = dataclasses.replace(config or SimulationConfig(), per_class=n_jets, seed=seed)
-    results = [_simulate_chunk(t) for t in _file_tasks(cfg, label, 0)]
-    return _chunks_to_jets(results, label)
+    tasks = [t for f in range(math.ceil(n_jets / cfg.jets_per_file)) for t in _file_tasks(cfg, label, f)]
+    return _chunks_to_jets([_simulate_chunk(t) for t in tasks], label)
 
 
 def _file_tasks(cfg: SimulationConfig, label: int, file_no: int) -> list[tuple]:
@@ -506,10 +541,16 @@ def _check_manifest(out_dir: Path, cfg: SimulationConfig) -> None:
         if {k: have.get(k) for k in want} != want:
             diff = sorted(k for k in set(want["settings"]) | set(have.get("settings", {}))
                           if want["settings"].get(k) != have.get("settings", {}).get(k))
-            raise OmnijetError(f"{out_dir}: holds a simulation with other settings "
-                               f"({', '.join(diff) or 'versions'} differ); use another directory")
+            raise OmnijetError(f"{out_dir}: holds a simulation with other settings (different: "
+                               f"{', '.join(diff) or 'code versions'}); use another directory")
     else:
         write_json(manifest, {**want, "key": cfg.cache_key(), "classes": list(CLASS_LABELS)})
+
+
+#: Statistics of the latest :func:`simulate_dataset` call in this process that simulated
+#: anything (jets, wall_s, worker_cpu_s, busiest_worker_cpu_s, cores_busy, per_class) -- for
+#: logs and benchmarks.
+LAST_RUN: dict = {}
 
 
 def simulate_dataset(out_dir, per_class: int, seed: int = 1, workers: int = 2,
@@ -540,49 +581,113 @@ def simulate_dataset(out_dir, per_class: int, seed: int = 1, workers: int = 2,
                 todo[path] = (label, _file_tasks(cfg, label, f))
     if not todo:
         return paths
-    tasks = [t for _, ts in todo.values() for t in ts]
     owner = {(t[1], t[2]): p for p, (_, ts) in todo.items() for t in ts}
     done: dict[Path, dict] = {p: {} for p in todo}
+    # chunks finished by an interrupted run (kept only for files of several chunks)
+    chunk_dir = out_dir / ".chunks"
+    for key, path in owner.items():
+        saved = chunk_dir / _chunk_name(*key)
+        if saved.exists():
+            try:
+                done[path][key[1]] = _load_chunk(saved)
+            except Exception:  # unreadable leftovers are simply redone
+                saved.unlink(missing_ok=True)
+    # slowest classes first (fewest jets per event), chunks of a class together so that a
+    # worker mostly keeps its initialised Pythia: a shorter tail with several workers
+    tasks = sorted((t for _, ts in todo.values() for t in ts if t[2] not in done[owner[t[1], t[2]]]),
+                   key=lambda t: (PROCESSES[t[1]].jets_per_event, t[1], t[2]))
     total = sum(t[3] for t in tasks)
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, unit="jets", desc="simulating", disable=not progress, smoothing=0.1)
     t0 = time.perf_counter()
-    stats = {label: [0, 0, 0.0, 0.0] for label in labels}  # jets, events, gen s, total s
+    stats = {label: [0, 0, 0.0, 0.0, 0.0] for label in labels}  # jets, events, gen s, total s, cpu s
+    worker_cpu: dict[int, float] = {}
 
-    def collect(res: dict) -> None:
-        path = owner[(res["label"], res["chunk"])]
-        done[path][res["chunk"]] = res
-        s = stats[res["label"]]
-        s[0] += len(res["counts"]); s[1] += res["n_events"]; s[2] += res["t_gen"]; s[3] += res["t_total"]
-        bar.update(len(res["counts"]))
-        bar.set_postfix_str(CLASS_LABELS[res["label"]])
+    def write_if_complete(path: Path) -> None:
         label, ts = todo[path]
         if len(done[path]) == len(ts):
             ordered = [done[path][t[2]] for t in ts]
             write_jetclass(path, _chunks_to_jets(ordered, label))
             del done[path]
+            for t in ts:
+                (chunk_dir / _chunk_name(label, t[2])).unlink(missing_ok=True)
+
+    def collect(res: dict) -> None:
+        path = owner[(res["label"], res["chunk"])]
+        done[path][res["chunk"]] = res
+        if len(todo[path][1]) > 1:
+            _save_chunk(chunk_dir / _chunk_name(res["label"], res["chunk"]), res)
+        s = stats[res["label"]]
+        for i, k in enumerate(("n_events", "t_gen", "t_total", "cpu")):
+            s[i + 1] += res[k]
+        s[0] += len(res["counts"])
+        worker_cpu[res["pid"]] = worker_cpu.get(res["pid"], 0.0) + res["cpu"]
+        bar.update(len(res["counts"]))
+        bar.set_postfix_str(CLASS_LABELS[res["label"]])
+        write_if_complete(path)
+
+    for path in list(done):  # every chunk of a file may already be saved
+        write_if_complete(path)
 
     try:
-        if cfg.workers == 1 or len(tasks) == 1:
+        if cfg.workers == 1 or len(tasks) <= 1:
             for t in tasks:
                 collect(_simulate_chunk(t))
         else:
-            # spawn: safe next to torch / notebook threads; each worker builds its own Pythia
-            ctx = mp.get_context("spawn")
-            with ctx.Pool(min(cfg.workers, len(tasks))) as pool:
+            with _pool_context().Pool(min(cfg.workers, len(tasks))) as pool:
                 for res in pool.imap_unordered(_simulate_chunk, tasks):
                     collect(res)
     finally:
         bar.close()
     wall = time.perf_counter() - t0
-    for label, (nj, ne, tg, tt) in stats.items():
+    cpu = sum(s[4] for s in stats.values())
+    LAST_RUN.clear()
+    LAST_RUN.update(jets=total, wall_s=wall, worker_cpu_s=cpu, cores_busy=cpu / max(wall, 1e-9),
+                    busiest_worker_cpu_s=max(worker_cpu.values(), default=0.0),
+                    per_class={CLASS_LABELS[k]: dict(zip(("jets", "events", "gen_s", "total_s", "cpu_s"), v))
+                               for k, v in stats.items()})
+    for label, (nj, ne, tg, tt, _) in stats.items():
         if nj:
             log.info("%s: %d jets from %d events, %.1f jets/s per worker, %.0f%% of worker time in "
                      "Pythia", CLASS_LABELS[label], nj, ne, nj / max(tt, 1e-9), 100 * tg / max(tt, 1e-9))
-    log.info("simulated %d jets in %.1f s (%.1f jets/s) into %s", total, wall, total / wall, out_dir)
+    log.info("simulated %d jets in %.1f s (%.1f jets/s, %.2f cores busy) into %s", total, wall,
+             total / max(wall, 1e-9), cpu / max(wall, 1e-9), out_dir)
+    if chunk_dir.is_dir() and not any(chunk_dir.iterdir()):
+        chunk_dir.rmdir()
     return paths
+
+
+def _pool_context():
+    """Worker processes start from a clean server process that has already imported this
+    module (forkserver): no torch / notebook threads are inherited and start-up is quick.
+    Platforms without forkserver (Windows) spawn. Each worker builds its own Pythia."""
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        return ctx
+    return mp.get_context("spawn")
+
+
+_ARRAYS = ("counts", "px", "py", "pz", "E")
+
+
+def _chunk_name(label: int, chunk: int) -> str:
+    return f"{CLASS_FILE_PREFIXES[label]}_chunk{chunk:06d}.npz"
+
+
+def _save_chunk(path: Path, res: dict) -> None:
+    from ..io import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: res[k] for k in _ARRAYS}, **{f"x_{k}": v for k, v in res["extras"].items()})
+
+
+def _load_chunk(path: Path) -> dict:
+    with np.load(path) as z:
+        return {**{k: z[k] for k in _ARRAYS}, "extras": {k[2:]: z[k] for k in z.files if k.startswith("x_")}}
 
 
 def default_dataset(per_class: int, seed: int = 1, root=None, workers: int = 2,

@@ -1,0 +1,248 @@
+"""The embedded Pythia 8 + FastJet simulation: schema, cuts, truth matching, reproducibility, resume.
+
+The simulations are tiny (20 jets per class, three classes) and cached for the session; the
+config uses small chunks / files so that chunking and file splitting are exercised too.
+"""
+
+import os
+
+import awkward as ak
+import numpy as np
+import pytest
+import uproot
+
+from omnijet_lib.data import read_jetclass
+from omnijet_lib.data import simulate as S
+from omnijet_lib.data.jetclass import JET_BRANCHES, LABEL_BRANCHES, PART_BRANCHES
+from omnijet_lib.io import OmnijetError
+from omnijet_lib.observables import jet_mass
+
+PER_CLASS = 20
+CLASSES = ["QCD", "Hqql", "Tbqq"]
+CFG = S.SimulationConfig(chunk_jets=8, jets_per_file=16)  # 2 files per class: 16 + 4 jets
+
+
+def _simulate(out, workers=1, **kw):
+    return S.simulate_dataset(out, PER_CLASS, seed=3, workers=workers, classes=kw.pop("classes", CLASSES),
+                              progress=False, config=CFG, **kw)
+
+
+@pytest.fixture(scope="session")
+def sim_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim")
+    _simulate(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sim_jets(sim_dir):
+    return read_jetclass(str(sim_dir / "*.root"))
+
+
+def _arrays(path):
+    with uproot.open(path) as f:
+        return f["tree"].arrays(library="np")
+
+
+def test_files_named_like_official_and_schema_complete(sim_dir):
+    names = sorted(p.name for p in sim_dir.glob("*.root"))
+    assert names == ["HToWW2Q1L_000.root", "HToWW2Q1L_001.root", "TTBar_000.root", "TTBar_001.root",
+                     "ZJetsToNuNu_000.root", "ZJetsToNuNu_001.root"]
+    with uproot.open(sim_dir / "TTBar_000.root") as f:
+        keys = set(f["tree"].keys())
+    assert set(PART_BRANCHES) | set(JET_BRANCHES) | set(LABEL_BRANCHES) <= keys
+    assert not list(sim_dir.glob(".*.part"))  # no temporary files left behind
+
+
+def test_labels_and_counts(sim_jets, sim_dir):
+    labels = ak.to_numpy(sim_jets.label)
+    for name in CLASSES:
+        assert (labels == S.class_index(name)).sum() == PER_CLASS
+    assert len(read_jetclass(sim_dir / "TTBar_000.root")) == 16
+    assert set(np.unique(ak.to_numpy(read_jetclass(sim_dir / "TTBar_001.root").label))) == {8}
+
+
+def test_kinematic_cuts(sim_jets):
+    n = ak.to_numpy(sim_jets.jet_nparticles)
+    pt, eta = ak.to_numpy(sim_jets.jet_pt), ak.to_numpy(sim_jets.jet_eta)
+    assert n.max() <= 128 and n.min() >= 2
+    full = n < 128  # a truncated jet may lose a little pT; the cut is on the full jet
+    assert np.all((pt[full] > 500) & (pt[full] < 1000))
+    assert np.all(np.abs(eta) < 2.0 + 1e-3)
+    part = sim_jets.part
+    dr = ak.to_numpy(ak.max(np.hypot(ak.Array(_deta(sim_jets)), part.deltaphi(_axis(sim_jets))), axis=1))
+    assert dr.max() < 1.0  # anti-kT R = 0.8 jets
+    pts = part.pt
+    assert ak.all(pts[:, :-1] >= pts[:, 1:])  # pT-ordered
+    assert ak.min(pts) > 0.1  # detector thresholds (cells cut on energy, so forward ones are softer)
+    tau = np.stack([ak.to_numpy(sim_jets[f"jet_tau{i}"]) for i in (1, 2, 3, 4)], 1)
+    # filled, and falling with N (exclusive-kT axes are not minimised, so not strictly always)
+    assert np.all(tau[:, 0] > 0) and np.mean(np.diff(tau, axis=1) <= 1e-6) > 0.9
+
+
+def _axis(jets):
+    import vector
+
+    return vector.zip({"pt": jets.jet_pt, "eta": jets.jet_eta, "phi": jets.jet_phi, "mass": 0})
+
+
+def _deta(jets):
+    return jets.part.eta - jets.jet_eta
+
+
+def test_physics_is_sane(sim_jets):
+    mass = jet_mass(sim_jets)
+    lab = ak.to_numpy(sim_jets.label)
+    assert 140 < np.median(mass[lab == 8]) < 200        # t -> bqq'
+    assert np.median(mass[lab == 0]) < 110               # q/g
+    n = ak.to_numpy(sim_jets.jet_nparticles)
+    assert 15 < n[lab == 0].mean() < 60
+
+
+def test_same_seed_same_jets_in_process(sim_dir):
+    jets = S.simulate_class("Tbqq", PER_CLASS, seed=3, config=CFG)
+    a = _arrays(sim_dir / "TTBar_000.root")
+    b = ak.to_numpy(ak.flatten(jets.part.px))
+    np.testing.assert_array_equal(np.concatenate(a["part_px"]), b[: len(np.concatenate(a["part_px"]))])
+    np.testing.assert_array_equal(a["jet_tau2"], ak.to_numpy(jets.jet_tau2)[:16])
+
+
+def test_independent_of_worker_count(sim_dir, tmp_path):
+    _simulate(tmp_path, workers=2, classes=["QCD", "Tbqq"])  # 6 chunks over 2 processes
+    for name in ("ZJetsToNuNu_000.root", "ZJetsToNuNu_001.root", "TTBar_000.root", "TTBar_001.root"):
+        a, b = _arrays(sim_dir / name), _arrays(tmp_path / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(np.concatenate(a[k]) if a[k].dtype == object else a[k],
+                                          np.concatenate(b[k]) if b[k].dtype == object else b[k], err_msg=k)
+
+
+def test_different_seed_different_jets(sim_dir):
+    other = S.simulate_class("QCD", 8, seed=4, config=CFG)
+    assert not np.array_equal(ak.to_numpy(other.jet_pt), _arrays(sim_dir / "ZJetsToNuNu_000.root")["jet_pt"][:8])
+
+
+def test_resume_skips_finished_files(sim_dir, monkeypatch):
+    before = {p: os.stat(p).st_mtime_ns for p in sim_dir.glob("*.root")}
+    calls = []
+    monkeypatch.setattr(S, "_simulate_chunk", lambda t: calls.append(t))
+    paths = _simulate(sim_dir)
+    assert calls == [] and len(paths) == 6
+    assert {p: os.stat(p).st_mtime_ns for p in sim_dir.glob("*.root")} == before
+
+
+def test_resume_redoes_only_missing_file(sim_dir, tmp_path):
+    for p in sim_dir.glob("*"):
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    (tmp_path / "TTBar_001.root").unlink()
+    kept = os.stat(tmp_path / "TTBar_000.root").st_mtime_ns
+    _simulate(tmp_path)
+    assert os.stat(tmp_path / "TTBar_000.root").st_mtime_ns == kept
+    np.testing.assert_array_equal(_arrays(tmp_path / "TTBar_001.root")["jet_pt"],
+                                  _arrays(sim_dir / "TTBar_001.root")["jet_pt"])
+
+
+def test_other_settings_in_same_dir_refused(sim_dir):
+    with pytest.raises(OmnijetError, match="other settings"):
+        S.simulate_dataset(sim_dir, PER_CLASS, seed=5, workers=1, classes=["QCD"], progress=False, config=CFG)
+
+
+def test_config_validation():
+    with pytest.raises(OmnijetError, match="per_class"):
+        S.SimulationConfig(per_class=0)
+    with pytest.raises(OmnijetError, match="chunk_jets"):
+        S.SimulationConfig(chunk_jets=300, jets_per_file=1000)
+    with pytest.raises(OmnijetError, match="unknown jet class"):
+        S.simulate_dataset("unused", 5, classes=["Nope"], progress=False)
+
+
+def test_cache_key_hashes_settings_not_workers(tmp_path, monkeypatch):
+    a = S.SimulationConfig(per_class=300, seed=1)
+    assert a.cache_key() == S.SimulationConfig(per_class=300, seed=1, workers=7).cache_key()
+    assert a.cache_key() != S.SimulationConfig(per_class=300, seed=2).cache_key()
+    assert a.cache_key() != S.SimulationConfig(per_class=300, seed=1, track_pt_min=1.0).cache_key()
+    seen = {}
+    monkeypatch.setattr(S, "simulate_dataset", lambda out, *a, **k: seen.update(out=out, args=a, kw=k))
+    out = S.default_dataset(300, seed=1, root=tmp_path, workers=2)
+    assert out == tmp_path / "simulated" / a.cache_key() and seen["out"] == out
+
+
+def test_quiet(capfd):
+    S._STATE.clear()  # force a fresh Pythia initialisation
+    S.simulate_class("Wqq", 2, seed=1)
+    out, err = capfd.readouterr()
+    assert "PYTHIA" not in out + err and "FastJet" not in out + err
+
+
+def test_truth_tree_follows_copies_and_intermediate_w():
+    # toy record: 0 system, 1 t (copy) -> 2 t -> 3 b, 4 W+ -> 5 W+ (copy) -> 6 u, 7 d~; 8 nu
+    ids = np.array([90, 6, 6, 5, 24, 24, 2, -1, 12])
+    d1 = np.array([0, 2, 3, 0, 5, 6, 0, 0, 0])
+    d2 = np.array([0, 2, 4, 0, 5, 7, 0, 0, 0])
+    res, owner, leaf = S._truth(ids, d1, d2, np.zeros(9, np.int64), 6)
+    assert res.tolist() == [2] and sorted(leaf.tolist()) == [3, 6, 7] and set(owner.tolist()) == {0}
+    ids[7] = -11  # leptonic W: neutrinos are not required in the jet
+    ids[6] = 12
+    assert sorted(S._truth(ids, d1, d2, np.zeros(9, np.int64), 6)[2].tolist()) == [3, 7]
+
+
+def test_matching_requires_every_decay_product():
+    # one event, three jets; resonance at (0, 0) with products at (0.3, 0) and (-0.3, 0.2)
+    j_eta, j_phi = np.array([0.05, 2.0, 0.1]), np.array([0.0, 1.0, 3.0])
+    ok = np.array([True, True, True])
+    args = (np.array([0]), np.array([0.0]), np.array([0.0]), np.array([0, 0]),
+            np.array([0.3, -0.3]), np.array([0.0, 0.2]), np.array([0, 3]), j_eta, j_phi)
+    assert S._match(*args, ok, 0.8).tolist() == [True, False, False]
+    assert S._match(*args, np.array([False, True, True]), 0.8).tolist() == [False, False, False]
+    far = list(args)
+    far[4] = np.array([0.3, -0.9])  # one product outside dR 0.8
+    assert not S._match(*far, ok, 0.8).any()
+
+
+def test_validation_table(sim_dir, real_path):
+    rows = S.validation_table(sim_dir, real_path)
+    assert [r["class"] for r in rows] == ["QCD", "Hqql", "Tbqq"]
+    for r in rows:
+        assert r["n_sim"] == PER_CLASS and r["mass_sim"] > 0 and r["mult_sim"] > 0
+        assert r["mult_ok"] in (True, False)
+    assert rows[1]["mass_ok"] is None  # no mass target for H -> lvqq'
+    text = S.format_validation_table(rows)
+    assert "Tbqq" in text and len(text.splitlines()) == 4
+
+
+def test_interrupted_run_resumes_from_finished_chunks(sim_dir, tmp_path, monkeypatch):
+    real_chunk = S._simulate_chunk
+    calls = []
+
+    def interrupted(task):
+        if calls:
+            raise KeyboardInterrupt  # the second chunk is "killed"
+        calls.append(task)
+        return real_chunk(task)
+
+    monkeypatch.setattr(S, "_simulate_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _simulate(tmp_path, classes=["Tbqq"])
+    assert not (tmp_path / "TTBar_000.root").exists()           # no half-written file
+    assert len(list((tmp_path / ".chunks").glob("*.npz"))) == 1  # the finished chunk is kept
+
+    calls.clear()
+    monkeypatch.setattr(S, "_simulate_chunk", lambda t: calls.append(t) or real_chunk(t))
+    _simulate(tmp_path, classes=["Tbqq"])
+    assert sorted(t[2] for t in calls) == [1, 2]  # chunk 0 was not redone
+    assert not (tmp_path / ".chunks").exists()
+    for name in ("TTBar_000.root", "TTBar_001.root"):
+        np.testing.assert_array_equal(np.concatenate(_arrays(tmp_path / name)["part_px"]),
+                                      np.concatenate(_arrays(sim_dir / name)["part_px"]))
+
+
+def test_batch_sizes_do_not_change_the_jets(sim_dir, monkeypatch):
+    import dataclasses
+
+    procs = list(S.PROCESSES)
+    procs[5] = dataclasses.replace(procs[5], jets_per_event=0.01)  # one big first batch instead of several
+    monkeypatch.setattr(S, "PROCESSES", tuple(procs))
+    res = S._simulate_chunk((dataclasses.replace(CFG, seed=3, per_class=PER_CLASS), 5, 0, 8))
+    ref = _arrays(sim_dir / "HToWW2Q1L_000.root")
+    np.testing.assert_array_equal(res["counts"], ref["jet_nparticles"][:8].astype(int))
+    np.testing.assert_array_equal(res["px"], np.concatenate(ref["part_px"][:8]))
