@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from .io import OmnijetError
+from .io import OmnijetError, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -150,14 +150,41 @@ def run_figures(profile: str = "ci", only: list[str] | None = None, out_dir: Pat
     return done
 
 
+def store_checked_outputs(executed: Path, source: Path) -> int:
+    """Copy the outputs of ``# NBVAL_CHECK_OUTPUT`` cells from an executed notebook into its source
+    (the reference nbval compares against); every other cell of the source stays output-free."""
+    import nbformat
+
+    run, src = nbformat.read(executed, 4), nbformat.read(source, 4)
+    ran = [c for c in run.cells if "injected-parameters" not in c.metadata.get("tags", [])]
+    if len(ran) != len(src.cells):
+        raise OmnijetError(f"{executed}: does not match {source} cell for cell")
+    n = 0
+    for a, b in zip(ran, src.cells):
+        if b.cell_type != "code":
+            continue
+        b.outputs, b.execution_count = [], None
+        if b.source.startswith("# NBVAL_CHECK_OUTPUT"):
+            b.outputs = [o for o in a.outputs if o.get("output_type") == "stream" and o.get("name") == "stdout"]
+            b.execution_count = n = n + 1  # nbval ignores outputs of cells without a count
+    with atomic_path(source) as tmp:
+        nbformat.write(src, tmp)
+    return n
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="omnijet figures", description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="ci", help="ci | quick | paper | path to a YAML file")
     ap.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 00 02_generation")
     ap.add_argument("--dry-run", action="store_true", help="validate the profile, run nothing")
+    ap.add_argument("--store-checks", action="store_true",
+                    help="afterwards, store the check-cell outputs in the source notebooks (maintainers, ci profile)")
     args = ap.parse_args(argv)
     try:
-        run_figures(args.profile, args.only, dry_run=args.dry_run)
+        done = run_figures(args.profile, args.only, dry_run=args.dry_run)
+        if args.store_checks:
+            for executed in done:
+                store_checked_outputs(executed, NOTEBOOKS / executed.name)
     except OmnijetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

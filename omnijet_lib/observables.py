@@ -19,11 +19,18 @@ import vector
 vector.register_awkward()
 
 __all__ = [
-    "constituents", "jet_p4", "jet_pt", "jet_eta", "jet_phi", "jet_mass", "multiplicity",
+    "quiet_fastjet", "constituents", "jet_p4", "jet_pt", "jet_eta", "jet_phi", "jet_mass", "multiplicity",
     "nsubjettiness", "tau21", "tau32", "jet_observables",
 ]
 
 R0 = 0.8
+
+
+def quiet_fastjet() -> None:
+    """No FastJet banner on the first clustering (it would land in every notebook's output)."""
+    import fastjet._swig as fjs
+
+    fjs.ClusterSequence.set_fastjet_banner_stream(None)
 
 
 def constituents(jets) -> ak.Array:
@@ -74,6 +81,7 @@ def nsubjettiness(jets, n_max: int = 3, r0: float = R0, beta: float = 1.0) -> np
     """
     import fastjet
 
+    quiet_fastjet()
     part = constituents(jets)
     n_jets = len(part)
     counts = ak.to_numpy(ak.num(part, axis=1))

@@ -10,7 +10,7 @@ import numpy as np
 
 from .jetclass import iter_jetclass, read_jetclass
 
-__all__ = ["REPO", "data_root", "real_sample_path", "load_dataset", "load_padded"]
+__all__ = ["REPO", "data_root", "real_sample_path", "dataset_files", "load_dataset", "load_padded"]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,11 +30,16 @@ def load_dataset(data_files=None, per_class: int = 300, seed: int = 1, classes=N
                  max_jets: int | None = None, workers: int = 2) -> ak.Array:
     """Jets from ``data_files`` (path, glob or list of JetClass-schema files) or, when ``None``,
     from the embedded Pythia 8 simulation (``per_class`` jets per class, cached by settings)."""
-    if data_files is None:
-        from .simulate import default_dataset
+    return read_jetclass(dataset_files(data_files, per_class, seed, workers), classes=classes, max_jets=max_jets)
 
-        data_files = str(default_dataset(per_class=per_class, seed=seed, workers=workers) / "*.root")
-    return read_jetclass(data_files, classes=classes, max_jets=max_jets)
+
+def dataset_files(data_files=None, per_class: int = 300, seed: int = 1, workers: int = 2):
+    """``data_files`` as given, or the glob of the embedded simulation (simulated on first use)."""
+    if data_files is not None:
+        return data_files
+    from .simulate import default_dataset
+
+    return str(default_dataset(per_class=per_class, seed=seed, workers=workers) / "*.root")
 
 
 def _feature_chunk(args) -> tuple:

@@ -52,6 +52,7 @@ from typing import Sequence
 import awkward as ak
 import numpy as np
 
+from ..observables import quiet_fastjet
 from ..io import OmnijetError, write_json
 from .jetclass import CLASS_FILE_PREFIXES, CLASS_LABELS, class_index, make_jets, write_jetclass
 
@@ -216,12 +217,6 @@ def pythia_settings(cfg: SimulationConfig, label: int) -> list[str]:
 _STATE: dict = {}  # per process: the current Pythia (one class at a time) and lookup tables
 
 
-def _quiet_fastjet() -> None:
-    import fastjet._swig as fjs
-
-    fjs.ClusterSequence.set_fastjet_banner_stream(None)  # no banner on first clustering
-
-
 def _pythia(cfg: SimulationConfig, label: int):
     """This process's Pythia for ``(settings, class)``, initialised once and reused by chunks."""
     key = tuple(pythia_settings(cfg, label))
@@ -238,7 +233,7 @@ def _pythia(cfg: SimulationConfig, label: int):
         _STATE.update(key=key, pythia=py)
         if "charged" not in _STATE:
             _STATE["charged"] = _charge_table(py)
-            _quiet_fastjet()
+            quiet_fastjet()
     return _STATE["pythia"]
 
 
