@@ -12,7 +12,7 @@ def _toy(n=400, seed=0):
     mask = np.arange(20)[None, :] < lengths[:, None]
     labels = rng.integers(0, 2, n)
     x = rng.normal(0, 1, (n, 20, 3)).astype(np.float32)
-    x[..., 0] += labels[:, None] * 1.5              # class 1: harder constituents
+    x[..., 0] += labels[:, None] * 3.0              # class 1: much harder constituents
     x[~mask] = 0
     return x, mask, labels
 

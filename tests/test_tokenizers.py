@@ -212,7 +212,7 @@ def test_one_cycle_and_stats():
     assert usage.item() == 0.5 and ppl.item() == pytest.approx(2.0)
 
 
-def test_tiny_training_lowers_loss_and_resumes(tmp_path):
+def test_tiny_training_lowers_loss_and_resumes(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     x, mask = toy_jets(240, max_len=16, seed=5)
     xt, mt = torch.from_numpy(x), torch.from_numpy(mask)
@@ -241,10 +241,17 @@ def test_tiny_training_lowers_loss_and_resumes(tmp_path):
     back = load_tokenizer(tmp_path / "tokenizer.safetensors")
     assert np.array_equal(tokenize(back, x, mask), tokenize(tok.cpu(), x, mask))
     # a rerun with more epochs continues from last.ckpt (2 more epochs, not 6)
+    from omnijet_lib.training.vqvae import VQVAEModule
+    calls = []
+    step = VQVAEModule.training_step
+    monkeypatch.setattr(VQVAEModule, "training_step", lambda self, b, i: calls.append(i) or step(self, b, i))
     train_tokenizer("conditional", x, mask, num_codes=32, epochs=6, batch_size=32, out_dir=tmp_path,
                     train_config=cfg, **kw)
+    n_batches = -(-(len(x) - round(0.1 * len(x))) // 32)
+    assert len(calls) == 2 * n_batches
     hist2 = json.loads((tmp_path / "history.json").read_text())
-    assert [h["epoch"] for h in hist2] == [4, 5]
+    assert [h["epoch"] for h in hist2] == [0, 1, 2, 3, 4, 5]
+    assert hist2[:4] == hist and hist2[4]["step"] > hist[3]["step"]
 
 
 def test_binned_training_is_a_fit(tmp_path):
@@ -252,3 +259,15 @@ def test_binned_training_is_a_fit(tmp_path):
     tok = train_tokenizer("binned", x, mask, num_codes=None, epochs=0, out_dir=tmp_path, bins=7)
     assert tok.num_codes == 343
     assert np.allclose(load_tokenizer(tmp_path / "tokenizer.safetensors").hi.numpy(), x[mask].max(0))
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    x, mask = toy_jets(40, max_len=10)
+    kw = {k: v for k, v in SMALL.items() if k != "num_codes"}
+    from omnijet_lib.training import TrainConfig
+    cfg = TrainConfig(progress_bar=False)
+    train_tokenizer("unconditional", x, mask, num_codes=16, epochs=1, batch_size=16, out_dir=tmp_path,
+                    train_config=cfg, **kw)
+    with pytest.raises(OmnijetError, match="num_codes"):
+        train_tokenizer("unconditional", x, mask, num_codes=32, epochs=2, batch_size=16, out_dir=tmp_path,
+                        train_config=cfg, **kw)

@@ -26,8 +26,10 @@ import torch.nn as nn
 
 __all__ = ["QuantizerOutput", "VectorQuantizer", "nearest_code", "kmeans"]
 
-# rows × codes per distance chunk: 4M floats = 16 MB, whatever N and K are
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
+# rows × codes per distance block, whatever N and K are: cache-sized on CPU (512k floats = 2 MB),
+# large enough on a GPU (32M floats = 128 MB) that kernel launches do not dominate
+DEFAULT_CHUNK_ELEMENTS = "auto"
+CHUNK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 25}
 
 
 @dataclass
@@ -38,26 +40,40 @@ class QuantizerOutput:
 
 
 @torch.no_grad()
-def nearest_code(z: torch.Tensor, codes: torch.Tensor, chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+def nearest_code(z: torch.Tensor, codes: torch.Tensor, chunk_elements: int | str | None = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
     """Index of the nearest row of ``codes`` (K, D) for every row of ``z`` (N, D) -> (N,) long.
 
-    argmin_k ‖z - c_k‖² = argmin_k (‖c_k‖² - 2 z·c_k); rows are processed in chunks of
-    ``chunk_elements // K`` so the (rows, K) distance block has a fixed size.
-    ``chunk_elements=None`` searches all rows at once (the memory-hungry reference).
+    argmin_k ‖z - c_k‖² = argmin_k (‖c_k‖² - 2 c_k·z). Rows of ``z`` are processed in chunks of
+    ``chunk_elements // K`` so the (K, rows) distance block has a fixed size ("auto": by device,
+    see :data:`CHUNK_ELEMENTS`); ``None`` searches all rows at once (the memory-hungry reference).
+    The argmin is two-level (min per group of 64 codes, best group, then inside it), which
+    returns the same first-minimum index as a plain argmin but runs ~3x faster on CPU, where a
+    plain argmin over 8192 columns costs more than the distances themselves.
     """
     n, k = len(z), len(codes)
-    c2 = (codes * codes).sum(1)  # (K,)
-    rows = n if chunk_elements is None else max(1, chunk_elements // max(k, 1))
+    group = min(64, max(k, 1))
+    n_groups = -(-k // group)
+    c2 = (codes * codes).sum(1)                                       # (K,)
+    if n_groups * group != k:  # pad to whole groups with codes that can never win
+        codes = torch.cat([codes, codes.new_zeros(n_groups * group - k, codes.shape[1])])
+        c2 = torch.cat([c2, c2.new_full((n_groups * group - k,), float("inf"))])
+    if chunk_elements == "auto":
+        chunk_elements = CHUNK_ELEMENTS.get(z.device.type, CHUNK_ELEMENTS["cuda"])
+    rows = n if chunk_elements is None else max(1, int(chunk_elements) // max(k, 1))
     out = torch.empty(n, dtype=torch.long, device=z.device)
     for start in range(0, n, rows):
-        d = torch.addmm(c2, z[start:start + rows], codes.T, alpha=-2.0)  # (rows, K)
-        out[start:start + rows] = d.argmin(1)
+        zc = z[start:start + rows]                                    # (r, D)
+        r = len(zc)
+        d = torch.addmm(c2[:, None], codes, zc.T, alpha=-2.0).view(n_groups, group, r)  # (G, S, r)
+        g = d.amin(1).argmin(0)                                       # (r,) best group
+        within = d[g, :, torch.arange(r, device=z.device)].argmin(1)  # (r,) best code in it
+        out[start:start + r] = g * group + within
     return out
 
 
 @torch.no_grad()
 def kmeans(x: torch.Tensor, k: int, iters: int = 10, generator: torch.Generator | None = None,
-           chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+           chunk_elements: int | str | None = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
     """Lloyd's k-means on ``x`` (N, D) -> centroids (k, D).
 
     Starts from k random points (with replacement plus small noise when N < k); an empty
@@ -90,7 +106,7 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, dim: int = 4, num_codes: int = 8192, beta: float = 0.9, sync_nu: float = 1.0,
                  affine_lr: float = 2.0, replace_freq: int = 10, kmeans_init: bool = True,
-                 chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS, kmeans_iters: int = 10):
+                 chunk_elements: int | str | None = DEFAULT_CHUNK_ELEMENTS, kmeans_iters: int = 10):
         super().__init__()
         self.dim, self.num_codes = dim, num_codes
         self.beta, self.sync_nu, self.affine_lr = beta, sync_nu, affine_lr
@@ -139,11 +155,15 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _kmeans_init(self, zr: torch.Tensor) -> None:
-        if len(zr) == 0:
-            return
-        gen = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, (1,)).item()))
-        c = kmeans(zr, self.num_codes, self.kmeans_iters, gen, self.chunk_elements)  # target C'
-        if _distributed():
+        dist = _distributed()
+        if len(zr) == 0 and not dist:
+            return  # wait for a batch with real entries
+        if len(zr):
+            gen = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, (1,)).item()))
+            c = kmeans(zr, self.num_codes, self.kmeans_iters, gen, self.chunk_elements)  # target C'
+        else:
+            c = self.effective_codebook().detach().clone()
+        if dist:  # every rank takes rank 0's centroids (all ranks must take part)
             torch.distributed.broadcast(c, src=0)
         lr = self.affine_lr  # invert the affine map so that C' equals the centroids
         self.codebook.weight.data.copy_((c - lr * self.affine_bias) / (1 + lr * self.affine_scale))
@@ -156,18 +176,20 @@ class VectorQuantizer(nn.Module):
             torch.distributed.all_reduce(used)
         self.code_counter.sub_(1)
         self.code_counter[used > 0] = self.replace_freq
-        dead = (self.code_counter <= 0).nonzero().squeeze(1)
-        if len(dead) == 0 or len(zr) == 0:
+        dead = (self.code_counter <= 0).nonzero().squeeze(1)  # the same on every rank
+        if len(dead) == 0:
             return
-        pick = torch.randint(len(zr), (len(dead),), device=zr.device)
-        new = zr[pick]
-        new = new + 0.01 * new.norm(dim=1, keepdim=True) * torch.randn_like(new)
-        # written through .data: dead rows received no gradient in this step, so the autograd
-        # graph of the current forward is unaffected
-        self.codebook.weight.data[dead] = new.to(self.codebook.weight.dtype)
-        if _distributed():
+        if len(zr):
+            pick = torch.randint(len(zr), (len(dead),), device=zr.device)
+            new = zr[pick]
+            new = new + 0.01 * new.norm(dim=1, keepdim=True) * torch.randn_like(new)
+            # written through .data: dead rows received no gradient in this step, so the autograd
+            # graph of the current forward is unaffected
+            self.codebook.weight.data[dead] = new.to(self.codebook.weight.dtype)
+            self.code_counter[dead] = self.replace_freq
+        if _distributed():  # rank 0's replacements everywhere
             torch.distributed.broadcast(self.codebook.weight.data, src=0)
-        self.code_counter[dead] = self.replace_freq
+            torch.distributed.broadcast(self.code_counter, src=0)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_codes={self.num_codes}, beta={self.beta}, sync_nu={self.sync_nu}, "

@@ -32,6 +32,7 @@ class VQVAEConfig:
     num_heads: int = 8
     mlp_hidden: int = 128
     dropout: float = 0.1
+    attn_dropout: float = 0.1     # on the attention weights; 0 = fused attention kernel, faster on CPU
     latent_dim: int = 4
     num_codes: int = 8192
     beta: float = 0.9
@@ -49,7 +50,8 @@ class _Coder(nn.Module):
         self.conditional = cfg.conditional
         self.inp = nn.Linear(in_dim, cfg.hidden_dim)
         if cfg.conditional:
-            blocks = [NormFormerBlock(cfg.hidden_dim, cfg.num_heads, cfg.mlp_hidden, cfg.dropout)
+            blocks = [NormFormerBlock(cfg.hidden_dim, cfg.num_heads, cfg.mlp_hidden, cfg.dropout,
+                                      attn_dropout=cfg.attn_dropout)
                       for _ in range(cfg.num_blocks)]
         else:
             blocks = [FeedForward(cfg.hidden_dim, cfg.mlp_hidden, cfg.dropout) for _ in range(cfg.num_blocks)]

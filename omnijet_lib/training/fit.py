@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..io import OmnijetError, atomic_path, load_checkpoint, safe_torch_load, save_checkpoint
 
@@ -73,14 +75,20 @@ def fit(module, train_loader, val_loader=None, out_dir: str | os.PathLike | None
         out_dir.mkdir(parents=True, exist_ok=True)
         monitor = "val_loss" if val_loader is not None else None
         best_cb = ModelCheckpoint(dirpath=out_dir, filename="best", monitor=monitor, mode="min",
-                                  save_last=True, save_top_k=1, enable_version_counter=False)
+                                  save_last=monitor is None, save_top_k=1, enable_version_counter=False)
         callbacks.append(best_cb)
+        if monitor is not None:
+            # Lightning (>= 2.4) writes save_last copies only when a top-k checkpoint is written, so
+            # last.ckpt would go stale once val_loss stops improving; keep it current separately
+            callbacks.append(ModelCheckpoint(dirpath=out_dir, filename="last", save_top_k=1,
+                                             enable_version_counter=False))
         if resume and (out_dir / "last.ckpt").is_file():
             ckpt_path = out_dir / "last.ckpt"
             _check_resume(ckpt_path)
             log.info("resuming from %s", ckpt_path)
     if cfg.patience is not None and val_loader is not None:
         callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"))
+    callbacks.append(RankAwareLoaders(train_loader, val_loader))
     trainer = pl.Trainer(
         max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, accelerator=cfg.accelerator,
         devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=cfg.precision,
@@ -88,7 +96,7 @@ def fit(module, train_loader, val_loader=None, out_dir: str | os.PathLike | None
         enable_checkpointing=out_dir is not None, default_root_dir=out_dir,
         log_every_n_steps=cfg.log_every_n_steps, enable_model_summary=False,
         gradient_clip_val=cfg.gradient_clip_val, num_sanity_val_steps=0,
-        use_distributed_sampler=False, plugins=[_atomic_checkpoint_io()],
+        use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -111,18 +119,38 @@ def _check_resume(path: Path) -> None:
         raise OmnijetError(f"{path}: not a Lightning checkpoint (no state_dict); cannot resume from it")
 
 
-def _atomic_checkpoint_io():
+class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's default writes checkpoints through a temp file in the system temp folder and
     moves it, which is a non-atomic copy when ``out_dir`` is on another filesystem (typical on
     clusters). Write to a temp name next to the target and rename instead."""
-    from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    class AtomicCheckpointIO(TorchCheckpointIO):
-        def save_checkpoint(self, checkpoint, path, storage_options=None):
-            with atomic_path(path) as tmp:
-                torch.save(checkpoint, tmp)
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
 
-    return AtomicCheckpointIO()
+
+class RankAwareLoaders(Callback):
+    """Splits our loaders across DDP ranks once the ranks are known.
+
+    ``use_distributed_sampler=False`` keeps Lightning from replacing the length-bucketed batch
+    sampler, so the split is ours: anything on a loader (``sampler``, ``batch_sampler``,
+    ``dataset``) with ``num_replicas`` and ``rank`` attributes (:class:`BucketBatchSampler`,
+    :class:`~omnijet_lib.data.shards.TokenShardDataset`, torch's ``DistributedSampler``) gets the
+    trainer's world size and global rank. Done in ``setup``, i.e. inside each rank's process
+    (whatever the launcher) and before Lightning counts the batches. Module-level classes (not
+    closures) so that the ``ddp_spawn`` launcher can pickle the trainer."""
+
+    def __init__(self, *loaders):
+        self.loaders = [dl for dl in loaders if dl is not None]
+
+    def setup(self, trainer, pl_module, stage):
+        if trainer.world_size <= 1:
+            return
+        for loader in self.loaders:
+            parts = (getattr(loader, a, None) for a in ("sampler", "batch_sampler", "dataset"))
+            for obj in {id(o): o for o in parts if o is not None}.values():
+                if hasattr(obj, "num_replicas") and hasattr(obj, "rank"):
+                    obj.num_replicas, obj.rank = trainer.world_size, trainer.global_rank
 
 
 # --------------------------------------------------------------------------- model export

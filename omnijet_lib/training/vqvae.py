@@ -11,6 +11,7 @@ initialised from the first training batch (inside the quantizer). Resumable thro
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -57,7 +58,7 @@ def one_cycle(total_steps: int, pct_start: float = 0.3, div_factor: float = 25.0
     def factor(step: int) -> float:
         if step < up:
             return cos(lo, 1.0, step / up)
-        return cos(1.0, end, (step - up) / max(total - up, 1))
+        return cos(1.0, end, (step - up) / max(total - 1 - up, 1))
 
     return factor
 
@@ -144,10 +145,15 @@ def train_tokenizer(kind: str, x, mask, num_codes: int | None, epochs: int, batc
                     seed: int = 0, val_fraction: float = 0.1, **model_kw):
     """Train (or, for "binned", fit the ranges of) a tokenizer on padded features.
 
-    ``x`` (N, L, 3) float, ``mask`` (N, L) bool. Saves ``out_dir/tokenizer.safetensors`` (and
-    ``history.json`` with per-epoch validation metrics); an interrupted run resumes from
-    ``out_dir/last.ckpt``. ``model_kw`` go to :class:`VQVAEConfig` (or ``bins`` for binned).
-    Returns the tokenizer in eval mode on the default device.
+    ``x`` (N, L, 3) float, ``mask`` (N, L) bool; a ``val_fraction`` of the jets (seeded) is
+    held out for ``val_loss`` and the best epoch is kept. Saves ``out_dir/tokenizer.safetensors``
+    and ``history.json`` (per-epoch validation loss, codebook usage, perplexity; also as
+    ``tokenizer.train_history``). A rerun with the same ``out_dir`` resumes from
+    ``out_dir/last.ckpt`` (or returns at once when it had finished); a rerun with other settings
+    in the same ``out_dir`` is refused. ``seed`` drives the split, the initialisation and
+    Lightning's seed; ``epochs`` overrides ``train_config.max_epochs``. ``model_kw`` go to
+    :class:`VQVAEConfig` (or ``bins`` for binned). Returns the tokenizer in eval mode on the
+    default device.
     """
     x = np.asarray(x, np.float32)
     mask = np.asarray(mask, bool)
@@ -165,7 +171,7 @@ def train_tokenizer(kind: str, x, mask, num_codes: int | None, epochs: int, batc
         tok.fit(x, mask)
         if out_dir is not None:
             save_tokenizer(out_dir / "tokenizer.safetensors", tok)
-        return tok.eval()
+        return tok.to(default_device()).eval()
 
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(x))
@@ -176,11 +182,30 @@ def train_tokenizer(kind: str, x, mask, num_codes: int | None, epochs: int, batc
     train_loader = make_loader(PaddedDataset(x[tr], mask[tr]), batch_size, shuffle=True, seed=seed)
     val_loader = make_loader(PaddedDataset(x[va], mask[va]), batch_size, shuffle=False) if n_val else None
     cfg = dataclasses.replace(train_config or TrainConfig(), max_epochs=epochs, seed=seed)
+    if out_dir is not None:
+        _check_same_run(out_dir, {"kind": kind, **dataclasses.asdict(tok.config), "seed": seed,
+                                  "jets": len(x), "val_fraction": val_fraction, "batch_size": batch_size})
     module = VQVAEModule(tok)
+    history = []
+    if out_dir is not None and (out_dir / "last.ckpt").is_file() and (out_dir / "history.json").is_file():
+        history = json.loads((out_dir / "history.json").read_text())  # epochs before the resume
     fit(module, train_loader, val_loader, out_dir, cfg)
     tok = module.model
-    tok.train_history = module.history
+    new_epochs = {h["epoch"] for h in module.history}
+    tok.train_history = [h for h in history if h["epoch"] not in new_epochs] + module.history
     if out_dir is not None:
         save_tokenizer(out_dir / "tokenizer.safetensors", tok)
-        write_json(out_dir / "history.json", module.history)
+        write_json(out_dir / "history.json", tok.train_history)
     return tok.to(default_device()).eval()
+
+
+def _check_same_run(out_dir: Path, settings: dict) -> None:
+    """Record the run's settings in ``out_dir/run.json``; refuse to resume a different run."""
+    path = out_dir / "run.json"
+    if path.is_file() and (out_dir / "last.ckpt").is_file():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise OmnijetError(f"{out_dir}: holds a tokenizer run with other settings ({', '.join(diff)} differ); "
+                               f"use another out_dir or delete it")
+    write_json(path, settings)
