@@ -39,7 +39,7 @@ from .io import OmnijetError
 
 __all__ = [
     "w1", "w1m", "w1p", "efps", "w1efp", "frechet_distance", "fpd", "mmd_poly_unbiased", "kpd",
-    "W1EFP_SET", "FPD_EFP_SET", "jet_mass", "summary_metrics",
+    "W1EFP_SET", "FPD_EFP_SET", "jet_mass", "roc_auc", "summary_metrics",
 ]
 
 #: EFPs for W1EFP (JetNet default): prime EFPs with 4 vertices and 4 edges (5 polynomials).
@@ -274,9 +274,23 @@ def kpd(real_features, gen_features, n_batches: int = 10, batch_size: int = 5_00
 def jet_mass(x, mask) -> np.ndarray:
     """Jet mass [GeV] of padded scaled features (massless constituents)."""
     from .data.features import features_to_p4
+    from .observables import jet_mass as mass_of
 
-    p4 = features_to_p4((np.asarray(x), np.asarray(mask, bool)))
-    return ak.to_numpy(ak.sum(p4, axis=1).mass).astype(np.float64)
+    return mass_of(features_to_p4((np.asarray(x), np.asarray(mask, bool))))
+
+
+# --------------------------------------------------------------------------- classifiers
+def roc_auc(labels, scores) -> float:
+    """Area under the ROC curve for binary ``labels`` (1 = positive) and ``scores``
+    (the Mann-Whitney U statistic; ties count one half)."""
+    from scipy.stats import rankdata
+
+    labels = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise OmnijetError(f"roc_auc needs both classes, got {n_pos} positive and {n_neg} negative")
+    ranks = rankdata(np.asarray(scores, dtype=float))
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def summary_metrics(real_x, real_mask, gen_x, gen_mask, n_batches: int = 5, batch_size: int | None = None,

@@ -176,3 +176,13 @@ def test_summary_metrics_same_vs_shifted():
     for key in ("w1m", "w1p_eta_rel_scaled", "w1efp", "fpd", "kpd"):
         assert b[key] > 2 * a[key], (key, a[key], b[key])
     assert b["w1p_log_pt_scaled"] < 0.1
+
+
+def test_roc_auc_known_cases():
+    from omnijet_lib.metrics import roc_auc
+
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert roc_auc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0
+    assert roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5
+    # one inverted pair out of 2 x 2
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.7, 0.6, 0.9]) == 0.75
