@@ -100,7 +100,7 @@ def test_bad_data_file_through_the_figures_command(tmp_path, jets_file):
             "f.NOTEBOOKS = pathlib.Path(sys.argv[1]); sys.exit(cli.main(sys.argv[2:]))")
     proc = run_cli(nbdir, "figures", "--profile", profile, cwd=tmp_path, code=code, timeout=240)
     line = assert_cli_error(proc, "00_dataset.ipynb: cell 4 failed (OmnijetError:",
-                            f"{cut}: truncated or corrupt ROOT file", "at `jets = load_dataset(",
+                            f"{cut}: truncated or corrupt ROOT file", "at `files = dataset_files(",
                             f"executed copy: {nbdir / 'executed' / '00_dataset.ipynb'}", strict=False)
     assert len(line) < 600
     assert not (tmp_path / "figs").exists()
