@@ -92,7 +92,7 @@ def to_padded(features: ak.Array, max_len: int = MAX_CONSTITUENTS) -> tuple[np.n
     clipped = int((counts > max_len).sum())
     if clipped:
         log.info("clipped %d jets with more than %d constituents to the %d hardest", clipped, max_len, max_len)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    starts = (np.cumsum(counts) - counts).astype(np.int64)
     pos = np.arange(len(flat)) - np.repeat(starts, counts)
     keep = pos < max_len
     jet_idx = np.repeat(np.arange(n), counts)[keep]

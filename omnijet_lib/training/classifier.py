@@ -6,6 +6,8 @@ The wrapped model maps ``(x, mask) -> logits (B, C)``; batches carry ``label``. 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -54,7 +56,7 @@ def split_indices(n: int, fractions=(0.6, 0.2, 0.2), seed: int = 0) -> list[np.n
     return np.split(perm, edges[:-1])
 
 
-def train_classifier(model, x, mask, labels, val=None, out_dir=None, epochs: int = 10,
+def train_classifier(model, x, mask, labels, val=None, out_dir=None, epochs: int | None = 10,
                      batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-2,
                      train_config: TrainConfig | None = None, seed: int = 0, params=None):
     """Train ``model`` on padded inputs; ``val = (x, mask, labels)`` enables best-weights restore."""
@@ -62,7 +64,9 @@ def train_classifier(model, x, mask, labels, val=None, out_dir=None, epochs: int
     val_loader = None
     if val is not None:
         val_loader = make_loader(PaddedDataset(val[0], val[1], label=val[2]), batch_size, shuffle=False)
-    cfg = train_config or TrainConfig(max_epochs=epochs, seed=seed)
+    cfg = dataclasses.replace(train_config or TrainConfig(), seed=seed)
+    if epochs is not None:  # an explicit epochs wins over train_config.max_epochs
+        cfg = dataclasses.replace(cfg, max_epochs=epochs)
     module = ClassifierModule(model, lr=lr, weight_decay=weight_decay, params=params)
     fit(module, train_loader, val_loader, out_dir=out_dir, config=cfg)
     return module.model
