@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 PARAMS = REPO / "params"
 
-__all__ = ["notebooks", "load_profile", "resolve_parameters", "run_figures", "main"]
+__all__ = ["notebooks", "load_profile", "resolve_parameters", "run_figures", "estimate_cost", "main"]
 
 
 def notebooks(directory: Path | None = None) -> list[Path]:
@@ -127,10 +128,13 @@ def run_figures(profile: str = "ci", only: list[str] | None = None, out_dir: Pat
 
     out_dir = Path(out_dir or NOTEBOOKS / "executed")
     out_dir.mkdir(parents=True, exist_ok=True)
-    done = []
+    done, gpu_hours = [], 0.0
     for nb, params in plan.items():
         print(f"[{nb.stem}] {', '.join(f'{k}={v}' for k, v in params.items()) or 'defaults'}", flush=True)
-        if dry_run:
+        if dry_run:  # what the run would need: data present?, sizes, steps, GPU hours
+            cost = estimate_cost(nb.stem, {**_defaults(nb), **params})
+            print("\n".join(f"    {line}" for line in cost["lines"]), flush=True)
+            gpu_hours += cost["gpu_hours"]
             continue
         target = out_dir / nb.name
         t0 = time.time()
@@ -147,7 +151,154 @@ def run_figures(profile: str = "ci", only: list[str] | None = None, out_dir: Pat
                                f"executed copy: {target}") from None
         print(f"[{nb.stem}] done in {time.time() - t0:.0f} s", flush=True)
         done.append(target)
+    if dry_run:
+        print(f"total: ~{gpu_hours:.3g} GPU-hours of training and sampling (estimate; see GPU_JETS_PER_S "
+              f"in omnijet_lib/figures.py for the assumed throughputs)")
     return done
+
+
+# --------------------------------------------------------------------------- dry-run cost estimate
+#: Assumed throughput on ONE A100-class GPU with bf16-mixed, paper-size models, ~40 constituents
+#: per jet (jets/s; training = forward + backward). The paper gives no timings: these are
+#: documented guesses from FLOPs per jet (VQ-VAE ~0.2 GFLOP, GPT ~0.9, EPiC-FM JetClass ~1,
+#: fwd+bwd) at the 5-15 TFLOP/s such small models reach (kernel-launch bound), and should be
+#: replaced by measured numbers once the quick profile has run on a GPU.
+GPU_JETS_PER_S = {
+    "vqvae": 20_000,               # conditional VQ-VAE, 4+4 NormFormer blocks, hidden 128
+    "gpt": 15_000,                 # 3 blocks, 256 wide, vocabulary 8194
+    "gpt_classifier": 15_000,      # the same backbone with the classification head
+    "deepsets": 100_000,           # token-quality DeepSets classifier
+    "transformer": 20_000,         # token-quality Transformer (5 NormFormer + 2 class-attention blocks)
+    "epic_jetclass": 10_000,       # EPiC-FM 20 layers, hidden 300
+    "epic_light": 60_000,          # EPiC-FM 6 layers, hidden 128
+    "gpt_generate": 5_000,         # sampling with the key/value cache
+}
+_PADDED_BYTES_PER_JET = 128 * 3 * 4 + 128  # float32 features + bool mask, as the notebooks hold them
+
+
+def _defaults(nb: Path) -> dict:
+    """The notebook's declared defaults as Python values (papermill gives their source text)."""
+    import ast
+
+    out = {}
+    for k, v in declared_parameters(nb).items():
+        try:
+            out[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k] = v
+    return out
+
+
+def _data(params: dict, key: str = "data_files", classes=None) -> tuple[int, str]:
+    """(jets the notebook would load, one line on where they come from and whether they exist)."""
+    import glob
+
+    from .data.jetclass import CLASS_FILE_PREFIXES, class_index
+
+    files = params.get(key)
+    want = None if classes is None else [class_index(c) for c in classes]
+    if files is None:
+        from .data.datasets import data_root
+        from .data.simulate import SimulationConfig
+
+        n = params.get("per_class", 300) * (10 if want is None else len(want))
+        cache = data_root() / "simulated" / SimulationConfig(per_class=params.get("per_class", 300),
+                                                             seed=params.get("seed", 1)).cache_key()
+        state = "cached" if any(cache.glob("*.root")) else "not simulated yet: `omnijet simulate` runs first (CPU)"
+        return n, f"{key}: embedded simulation, {n} jets ({state})"
+    patterns = [files] if isinstance(files, str) else list(files)
+    paths, missing = [], []
+    for p in patterns:
+        p = p if Path(p).is_absolute() else str(NOTEBOOKS / p)  # notebooks run in notebooks/
+        hits = sorted(glob.glob(p))
+        (paths.extend(hits) if hits else missing.append(p))
+    if want is not None:  # official file names tell the class
+        paths = [p for p in paths if any(Path(p).name.startswith(CLASS_FILE_PREFIXES[c] + "_") for c in want)] \
+            or paths
+    n = 0
+    if paths:
+        import uproot
+
+        for p in paths:
+            try:
+                with uproot.open(p) as f:
+                    n += int(f["tree"].num_entries)
+            except Exception:
+                missing.append(f"{p} (unreadable)")
+    state = f"{len(paths)} files, {n} jets" + (f"; MISSING: {', '.join(missing[:3])}" if missing else "")
+    return n, f"{key}: {state}"
+
+
+def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, int]]:
+    """The trainings (and samplings) of a fresh run: (label, model, jets per epoch, epochs, batch);
+    batch None marks a sampling, whose "jets" are training-jet equivalents of its forward passes."""
+    runs = []
+    vq_kinds = [k for k in p.get("kinds", []) if k != "binned"]
+    if stem.startswith("01"):
+        train = 0.6 * n  # 60/20/20 split; the tokenizer keeps 10% of its share for validation
+        for kind in vq_kinds:
+            for K in p.get("codebook_sizes", []):
+                runs.append((f"VQ-VAE {kind} K={K}", "vqvae", 0.9 * train, p.get("epochs", 1), p.get("batch_size", 512)))
+        n_inputs = 1 + len(vq_kinds) * len(p.get("codebook_sizes", [])) + \
+            (len(p.get("binned_bins", [])) if "binned" in p.get("kinds", []) else 0)
+        for arch in p.get("classifier_kw", {}) or {}:
+            runs.append((f"{arch} classifier x{n_inputs} inputs", arch, n_inputs * train,
+                         p.get("classifier_epochs", 1), p.get("classifier_batch_size", 256)))
+    elif stem.startswith("03"):
+        pool = max(n - p.get("n_test", 0), 0)
+        if p.get("backbone_path") is None:
+            runs.append(("tokenizer (if not reused)", "vqvae", 0.9 * pool, p.get("tokenizer_epochs", 1),
+                         p.get("tokenizer_batch_size", 512)))
+            runs.append(("GPT pre-training (if not reused)", "gpt", 0.9 * pool, p.get("pretrain_epochs", 1), 256))
+        fine = 3 * p.get("n_seeds", 1) * sum(p.get("train_sizes", []))
+        runs.append(("fine-tuning, 3 strategies x seeds (max_epochs, before early stopping)", "gpt_classifier",
+                     fine, p.get("max_epochs", 1), p.get("batch_size", 64)))
+    elif stem.startswith("04"):
+        runs.append(("tokenizer (if not reused)", "vqvae", 0.9 * n, p.get("tokenizer_epochs", 1), 512))
+        runs.append(("GPT (if not reused)", "gpt", 0.9 * n, p.get("gpt_epochs", 1), 256))
+        epic = "epic_" + str(p.get("epic_config", "light"))
+        runs.append((f"EPiC-FM {p.get('epic_config')}", epic, n, p.get("epochs", 1), p.get("batch_size", 256)))
+        steps = p.get("ode_steps", 100)  # midpoint: 2 forward passes per step, a forward ~1/3 of training
+        gen = p.get("n_generate", 0)
+        runs.append((f"EPiC-FM sampling of {gen} jets, {steps} midpoint steps", epic, gen * 2 * steps / 3, 1, None))
+        runs.append((f"OmniJet-α sampling of {gen} jets", "gpt_generate", gen, 1, None))
+    elif stem.startswith("05"):
+        runs.append(("tokenizer (if not reused)", "vqvae", 10 * p.get("train_per_class", 0), p.get("epochs", 1), 512))
+    return runs
+
+
+def estimate_cost(stem: str, params: dict) -> dict:
+    """Sizes and GPU cost of running notebook ``stem`` with ``params`` (its defaults merged with
+    the profile), for ``--dry-run``: ``{"jets", "steps", "gpu_hours", "lines"}``. Upper bounds for
+    a fresh run: models found in ``models_dir`` are reused by the notebooks, early stopping cuts
+    fine-tuning short, and models smaller than the paper's (``model_kw``) train faster."""
+    classes = {"03": [params.get("background", "QCD"), params.get("signal", "Tbqq")], "04": ["Tbqq"]}.get(stem[:2])
+    n, where = _data(params, classes=classes)
+    lines = [where]
+    if params.get("finetune_files") is not None:
+        lines.append(_data(params, "finetune_files", classes)[1])
+    if n:
+        lines.append(f"memory: {n * _PADDED_BYTES_PER_JET / 1e9:.2g} GB of padded features held by the notebook")
+    trainer = params.get("trainer") or {}
+    gpus = 1
+    for k in ("devices", "num_nodes"):
+        gpus *= trainer.get(k) if isinstance(trainer.get(k), int) else 1
+    steps, hours = 0, 0.0
+    runs = _cost_runs(stem, params, n)
+    for label, model, jets, epochs, batch in runs:
+        h = jets * epochs / GPU_JETS_PER_S[model] / 3600
+        hours += h
+        if batch is None:  # sampling
+            lines.append(f"{label}: {h:.3g} GPU-h")
+            continue
+        s = math.ceil(jets / max(batch, 1)) * epochs
+        steps += s
+        lines.append(f"{label}: {jets:.0f} jets x {epochs} epochs, batch {batch}: {s} steps, {h:.3g} GPU-h")
+    if runs:
+        lines.append(f"total: {steps} steps, ~{hours:.3g} GPU-hours ({hours / gpus:.3g} h on {gpus} GPU(s))")
+    elif not stem.startswith("00"):
+        lines.append("no cost model for this notebook (add one in omnijet_lib.figures._cost_runs)")
+    return {"jets": n, "steps": steps, "gpu_hours": hours, "lines": lines}
 
 
 def store_checked_outputs(executed: Path, source: Path) -> int:

@@ -117,9 +117,14 @@ class _BatchLoader:
 
     def __init__(self, dataset: PaddedDataset, sampler: BucketBatchSampler):
         self.dataset = dataset
-        # Lightning calls batch_sampler.set_epoch(epoch) before each epoch, also after a resume,
-        # so the batch order depends only on (seed, epoch)
         self.batch_sampler = sampler
+
+    @property
+    def sampler(self) -> BucketBatchSampler:
+        # Lightning calls ``loader.sampler.set_epoch(epoch)`` before each epoch, also after a
+        # resume (it never looks at ``batch_sampler.set_epoch``), so the batch order depends
+        # only on (seed, epoch); fit() sets ``num_replicas``/``rank`` here under DDP
+        return self.batch_sampler
 
     def __iter__(self):
         for idx in self.batch_sampler:

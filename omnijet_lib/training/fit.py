@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..io import OmnijetError, atomic_path, load_checkpoint, safe_torch_load, save_checkpoint
 
@@ -88,7 +86,7 @@ def fit(module, train_loader, val_loader=None, out_dir: str | os.PathLike | None
             log.info("resuming from %s", ckpt_path)
     if cfg.patience is not None and val_loader is not None:
         callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"))
-    callbacks.append(RankAwareLoaders(train_loader, val_loader))
+    callbacks.append(rank_aware_loaders(train_loader, val_loader))
     trainer = pl.Trainer(
         max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, accelerator=cfg.accelerator,
         devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=cfg.precision,
@@ -96,11 +94,12 @@ def fit(module, train_loader, val_loader=None, out_dir: str | os.PathLike | None
         enable_checkpointing=out_dir is not None, default_root_dir=out_dir,
         log_every_n_steps=cfg.log_every_n_steps, enable_model_summary=False,
         gradient_clip_val=cfg.gradient_clip_val, num_sanity_val_steps=0,
-        use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False, plugins=[_atomic_checkpoint_io()],
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*number of training batches.*")
+        warnings.filterwarnings("ignore", ".*IterableDataset. has .__len__. defined.*")  # ours splits by worker
         trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True)
     if best_cb is not None and val_loader is not None and best_cb.best_model_path:
         state = torch.load(best_cb.best_model_path, map_location="cpu", weights_only=True)
@@ -119,38 +118,44 @@ def _check_resume(path: Path) -> None:
         raise OmnijetError(f"{path}: not a Lightning checkpoint (no state_dict); cannot resume from it")
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
+def _atomic_checkpoint_io():
     """Lightning's default writes checkpoints through a temp file in the system temp folder and
     moves it, which is a non-atomic copy when ``out_dir`` is on another filesystem (typical on
     clusters). Write to a temp name next to the target and rename instead."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    def save_checkpoint(self, checkpoint, path, storage_options=None):
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            with atomic_path(path) as tmp:
+                torch.save(checkpoint, tmp)
+
+    return AtomicCheckpointIO()
 
 
-class RankAwareLoaders(Callback):
-    """Splits our loaders across DDP ranks once the ranks are known.
+def rank_aware_loaders(*loaders):
+    """A callback that splits our loaders across DDP ranks once the ranks are known.
 
     ``use_distributed_sampler=False`` keeps Lightning from replacing the length-bucketed batch
     sampler, so the split is ours: anything on a loader (``sampler``, ``batch_sampler``,
     ``dataset``) with ``num_replicas`` and ``rank`` attributes (:class:`BucketBatchSampler`,
     :class:`~omnijet_lib.data.shards.TokenShardDataset`, torch's ``DistributedSampler``) gets the
     trainer's world size and global rank. Done in ``setup``, i.e. inside each rank's process
-    (whatever the launcher) and before Lightning counts the batches. Module-level classes (not
-    closures) so that the ``ddp_spawn`` launcher can pickle the trainer."""
+    and before Lightning counts the batches. (Like :func:`_atomic_checkpoint_io` a local class,
+    so importing this module does not import Lightning; hence no ``ddp_spawn``, which pickles
+    the trainer: use ``ddp``, or ``ddp_notebook`` inside Jupyter.)"""
+    from lightning.pytorch.callbacks import Callback
 
-    def __init__(self, *loaders):
-        self.loaders = [dl for dl in loaders if dl is not None]
+    class RankAwareLoaders(Callback):
+        def setup(self, trainer, pl_module, stage):
+            if trainer.world_size <= 1:
+                return
+            for loader in loaders:
+                parts = (getattr(loader, a, None) for a in ("sampler", "batch_sampler", "dataset"))
+                for obj in {id(o): o for o in parts if o is not None}.values():
+                    if hasattr(obj, "num_replicas") and hasattr(obj, "rank"):
+                        obj.num_replicas, obj.rank = trainer.world_size, trainer.global_rank
 
-    def setup(self, trainer, pl_module, stage):
-        if trainer.world_size <= 1:
-            return
-        for loader in self.loaders:
-            parts = (getattr(loader, a, None) for a in ("sampler", "batch_sampler", "dataset"))
-            for obj in {id(o): o for o in parts if o is not None}.values():
-                if hasattr(obj, "num_replicas") and hasattr(obj, "rank"):
-                    obj.num_replicas, obj.rank = trainer.world_size, trainer.global_rank
+    return RankAwareLoaders()
 
 
 # --------------------------------------------------------------------------- model export

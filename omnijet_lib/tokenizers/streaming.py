@@ -1,0 +1,178 @@
+"""Streaming tokenization of large JetClass sets: ROOT files → token shards, chunk by chunk.
+
+``omnijet tokenize --tokenizer CKPT --in 'JetClass/train_100M/*.root' --out SHARDS/``
+
+* One shard per (input file, chunk of ``--chunk`` tree entries), named ``<file stem>_<chunk>.npz``
+  (format: :mod:`omnijet_lib.data.shards`); peak memory is set by the chunk, not the data set.
+* ``SHARDS/manifest.json`` records the inputs, every finished shard (jets, tokens, class counts,
+  sha256), the classes and the tokenizer's sha256; it is rewritten atomically after each shard.
+* Resumable: a rerun skips the shards the manifest lists (after checking they still exist), so an
+  interrupted run loses at most the chunk in flight; shards are renamed into place only when
+  complete. A rerun with another tokenizer or other settings into the same folder is refused.
+* Deterministic: the same inputs and tokenizer give byte-identical shards (tokenization runs in
+  eval mode, the shard writer uses fixed zip timestamps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import awkward as ak
+import numpy as np
+
+from ..data.shards import MANIFEST, read_manifest, write_shard
+from ..io import OmnijetError, write_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["file_sha256", "tokenize_files", "main"]
+
+FORMAT = "omnijet-token-shards/1"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_chunk(path: Path, tree, start: int, stop: int):
+    """Jets of tree entries ``[start, stop)`` with the checks of :func:`read_jetclass`."""
+    from ..data.jetclass import JET_BRANCHES, LABEL_BRANCHES, _REQUIRED, _chunk_to_jets, _oneline
+
+    names = [b for b in (*_REQUIRED, *JET_BRANCHES, *LABEL_BRANCHES) if b in tree.keys()]
+    try:
+        # array_cache=None: uproot would otherwise keep up to 100 MB of decoded arrays per open file
+        arrays = tree.arrays(names, entry_start=start, entry_stop=stop, library="ak", array_cache=None)
+    except Exception as err:
+        raise OmnijetError(f"{path}: cannot read entries {start}..{stop}, truncated or corrupt "
+                           f"({_oneline(err)})") from None
+    return _chunk_to_jets(path, {k: arrays[k] for k in arrays.fields}, start)
+
+
+def _tokenize_chunk(tok, jets, max_len: int, batch_size: int):
+    """(flat tokens, counts, labels) of a chunk of jets."""
+    from ..data.features import constituent_features, to_padded
+    from .base import tokenize
+
+    if len(jets) == 0:  # a chunk without the selected classes (to_padded needs >= 1 jet)
+        return np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int32)
+    x, mask = to_padded(constituent_features(jets), max_len=max_len)   # (N, L, 3), (N, L)
+    tokens = tokenize(tok, x, mask, batch_size=batch_size)            # (N, L), -1 at padding
+    real = tokens >= 0                                                # real entries come first
+    return tokens[real], real.sum(1), ak.to_numpy(jets.label)
+
+
+def tokenize_files(tokenizer: str | os.PathLike, inputs, out_dir: str | os.PathLike, chunk: int = 100_000,
+                   classes: Sequence[str | int] | None = None, max_len: int = 128, batch_size: int = 1024,
+                   device: str | None = None) -> dict:
+    """Tokenize JetClass-schema ROOT files (path, glob or list) into token shards in ``out_dir``.
+
+    ``chunk`` tree entries are read, tokenized and written at a time (peak memory grows with it);
+    ``classes`` keeps only those classes. Resumes a previous run into ``out_dir``. Returns the
+    manifest (also in ``out_dir/manifest.json``).
+    """
+    from ..data.jetclass import _expand, _open_tree, class_index
+    from ..training.fit import default_device
+    from .base import load_tokenizer
+
+    if chunk <= 0 or max_len <= 0 or batch_size <= 0:
+        raise OmnijetError(f"--chunk, max_len and batch_size must be positive (got {chunk}, {max_len}, {batch_size})")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OmnijetError(f"{out_dir}: exists and is not a directory")
+    paths = _expand(inputs)
+    stems = [p.stem for p in paths]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise OmnijetError(f"input files share the name {dup[0]!r} (shards are named after the file); "
+                           f"tokenize them into separate --out folders")
+    wanted = None if classes is None else sorted({class_index(c) for c in classes})
+    tok_path = Path(tokenizer)
+    if not tok_path.is_file():
+        raise OmnijetError(f"{tok_path}: tokenizer checkpoint not found")
+    tok = load_tokenizer(tok_path, device=device or default_device())
+    settings = {"format": FORMAT, "tokenizer_sha256": file_sha256(tok_path), "kind": tok.kind,
+                "num_codes": int(tok.num_codes), "chunk": int(chunk), "classes": wanted, "max_len": int(max_len)}
+
+    manifest = {**settings, "tokenizer": str(tok_path), "inputs": [], "shards": [], "complete": False}
+    done: dict[str, dict] = {}
+    if (out_dir / MANIFEST).is_file():
+        old = read_manifest(out_dir)
+        diff = sorted(k for k in settings if old.get(k) != settings[k])
+        if diff:
+            raise OmnijetError(f"{out_dir}: holds shards made with other settings ({', '.join(diff)} differ); "
+                               f"use another --out or delete it")
+        done = {s["name"]: s for s in old["shards"] if (out_dir / s["name"]).is_file()}
+        if done:
+            log.info("%s: resuming, %d shards already done", out_dir, len(done))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".*.part"):  # temp files of a killed run (never renamed into place)
+        stale.unlink(missing_ok=True)
+
+    t0, n_new = time.time(), 0
+    for path in paths:
+        tree = _open_tree(path)
+        n_entries = int(tree.num_entries)
+        manifest["inputs"].append({"path": str(path), "entries": n_entries})
+        for c, start in enumerate(range(0, n_entries, chunk)):
+            name = f"{path.stem}_{c:05d}.npz"
+            if name in done:
+                manifest["shards"].append(done[name])
+                continue
+            jets = _read_chunk(path, tree, start, min(start + chunk, n_entries))
+            entry = np.arange(start, start + len(jets))
+            if wanted is not None:
+                keep = np.isin(ak.to_numpy(jets.label), wanted)
+                jets, entry = jets[keep], entry[keep]
+            tokens, counts, labels = _tokenize_chunk(tok, jets, max_len, batch_size)
+            write_shard(out_dir / name, tokens, counts, labels, entry, tok.num_codes)
+            manifest["shards"].append({
+                "name": name, "file": str(path), "chunk": c, "entry_start": start,
+                "entry_stop": min(start + chunk, n_entries), "jets": int(len(counts)),
+                "tokens": int(len(tokens)), "class_counts": np.bincount(labels, minlength=10).tolist(),
+                "sha256": file_sha256(out_dir / name),
+            })
+            write_json(out_dir / MANIFEST, _totals(manifest))  # the shard is done only once listed here
+            n_new += len(counts)
+            log.info("%s: %d jets, %d tokens (%.0f jets/s)", name, len(counts), len(tokens),
+                     n_new / max(time.time() - t0, 1e-9))
+            del jets, tokens, counts, labels
+    manifest["complete"] = True
+    write_json(out_dir / MANIFEST, _totals(manifest))
+    return _totals(manifest)
+
+
+def _totals(manifest: dict) -> dict:
+    shards = manifest["shards"]
+    manifest["jets"] = sum(s["jets"] for s in shards)
+    manifest["tokens"] = sum(s["tokens"] for s in shards)
+    manifest["class_counts"] = np.sum([s["class_counts"] for s in shards], axis=0).tolist() if shards else [0] * 10
+    return manifest
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="omnijet tokenize", description="Tokenize JetClass-schema ROOT files "
+                                 "chunk by chunk into token shards (resumable, memory bounded by --chunk).")
+    ap.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (tokenizer.safetensors)")
+    ap.add_argument("--in", dest="inputs", nargs="+", required=True, help="ROOT files or globs (quote globs)")
+    ap.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
+    ap.add_argument("--chunk", type=int, default=100_000, help="tree entries per shard (default 100000)")
+    ap.add_argument("--classes", nargs="*", help="keep only these classes, e.g. QCD Tbqq")
+    ap.add_argument("--batch-size", type=int, default=1024, help="jets per tokenizer call")
+    ap.add_argument("--max-len", type=int, default=128, help="constituents kept per jet (hardest first)")
+    ap.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    a = ap.parse_args(argv)
+    man = tokenize_files(a.tokenizer, a.inputs, a.out, chunk=a.chunk, classes=a.classes, max_len=a.max_len,
+                         batch_size=a.batch_size, device=a.device)
+    print(f"{a.out}: {man['jets']} jets, {man['tokens']} tokens in {len(man['shards'])} shards "
+          f"({man['kind']} tokenizer, K={man['num_codes']})")
+    return 0
