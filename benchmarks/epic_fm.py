@@ -148,7 +148,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 by default: on a shared 2-core machine 2 threads can be >10x slower)")
     ap.add_argument("--configs", default="light,jetclass")
-    ap.add_argument("--json", help="write the result rows here")
+    ap.add_argument("--json", help="write the result rows (and a summary) here")
     ap.add_argument("--one", nargs=3, metavar=("CONFIG", "MODE", "SIZES"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -161,7 +161,19 @@ def main(argv=None) -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from omnijet_lib.io import write_json
 
-        write_json(args.json, rows)
+        write_json(args.json, {"rows": rows, "summary": summary(rows)})
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Uniform rows for ``omnijet bench``: EPiC-FM has no reference method here, so no ratio."""
+    out = []
+    for r in rows:
+        what = (f"batch {r['batch']}, {r['steps']} steps" if r["mode"] == "train" else
+                f"{r['n_jets']} jets, {r['ode_steps']} ODE steps; {r['jets_per_s_100_steps']:.3g} jets/s at 100 steps")
+        out.append({"benchmark": f"EPiC-FM {r['config']} {r['mode']}", "ours": r["jets_per_s"], "reference": None,
+                    "unit": "jets/s", "ratio": None, "target": "report", "met": None, "peak_rss_mb": r["peak_rss_mb"],
+                    "note": f"{what}; {r['threads']} thread(s), median of {len(r['repeats'])}"})
+    return out
 
 
 if __name__ == "__main__":
