@@ -1,0 +1,166 @@
+"""Token-quality evaluation helpers (tokenizers/evaluation.py) and the Transformer jet classifier."""
+
+import numpy as np
+import pytest
+import torch
+
+from omnijet_lib.io import OmnijetError
+from omnijet_lib.models.normformer import TransformerClassifier, TransformerClassifierConfig
+from omnijet_lib.tokenizers import BinnedConfig, BinnedTokenizer, VQVAE, VQVAEConfig
+from omnijet_lib.tokenizers.evaluation import (blob_spread, classifier_accuracy, codebook_usage, gaussian_fit,
+                                               resolution_table, to_physical, token_blobs)
+from omnijet_lib.tokenizers.base import TokenizerMixin
+
+
+def tiny_vqvae(conditional=True, K=16):
+    torch.manual_seed(0)
+    return VQVAE(VQVAEConfig(conditional=conditional, num_codes=K, hidden_dim=16, num_blocks=1, num_heads=2,
+                             mlp_hidden=16, dropout=0.0, attn_dropout=0.0)).eval()
+
+
+class GroupProbe(torch.nn.Module, TokenizerMixin):
+    """Fake conditional tokenizer: decodes to (own id, group size, group id sum) to see the groups."""
+    kind = "conditional"
+    num_codes = 100
+
+    def encode(self, x, mask):
+        raise NotImplementedError
+
+    def decode(self, tokens, mask=None):
+        mask = tokens >= 0 if mask is None else mask
+        t = tokens.float()
+        n = mask.sum(1, keepdim=True).float().expand_as(t)
+        s = (t * mask).sum(1, keepdim=True).expand_as(t)
+        return torch.stack([t, n, s], -1) * mask[..., None]
+
+
+def test_blobs_assign_each_sample_to_its_token_with_full_context():
+    ids, blobs = token_blobs(GroupProbe(), samples=7, context=9, tokens=np.arange(0, 100, 3), seed=1)
+    assert blobs.shape == (len(ids), 7, 3)
+    assert (blobs[..., 0] == ids[:, None]).all()           # every sample belongs to its token
+    assert (blobs[..., 1] == 10).all()                     # decoded with context + 1 tokens
+    assert blobs[..., 2].std(axis=1).min() > 0             # contexts differ from sample to sample
+
+
+def test_blobs_of_few_tokens_are_topped_up_with_random_codebook_tokens():
+    ids, blobs = token_blobs(GroupProbe(), samples=5, context=20, tokens=[4, 7], seed=0)
+    assert (blobs[..., 1] == 21).all() and (blobs[..., 0] == np.array([[4], [7]])).all()
+
+
+def test_conditional_blobs_spread_unconditional_and_binned_are_points():
+    cond = tiny_vqvae(True)
+    _, b = token_blobs(cond, samples=6, context=5, seed=0)
+    assert b.shape == (16, 6, 3) and (blob_spread(b).max(1) > 0).all()
+    unc = tiny_vqvae(False)
+    ids, b = token_blobs(unc, samples=6, context=5)
+    assert b.shape == (16, 1, 3) and (blob_spread(b) == 0).all()
+    in_jet = unc.decode(torch.arange(16)[None]).numpy()[0]  # per-constituent decoder: context-free
+    np.testing.assert_allclose(b[:, 0], in_jet, atol=1e-5)
+    binned = BinnedTokenizer(BinnedConfig(bins=3))
+    ids, b = token_blobs(binned)
+    assert b.shape == (27, 1, 3)
+    np.testing.assert_allclose(b[13, 0], [0.8, 0.0, 0.0], atol=1e-5)  # centre cell of the default grid
+    with pytest.raises(OmnijetError, match="token ids"):
+        token_blobs(binned, tokens=[27])
+
+
+def test_to_physical_inverts_the_feature_scaling():
+    x = np.array([[np.log(100.0) - 1.8, 0.3, -0.6]])
+    np.testing.assert_allclose(to_physical(x), [[100.0, 0.1, -0.2]], rtol=1e-6)
+
+
+def test_gaussian_fit_finds_the_core_despite_tails():
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.normal(2.0, 3.0, 20000), rng.uniform(-60, 60, 3000)])
+    mu, sigma = gaussian_fit(v)
+    assert abs(mu - 2.0) < 0.2 and abs(sigma - 3.0) < 0.2
+    assert v.std() > 2 * sigma                               # a plain std would be far off
+    mu, sigma = gaussian_fit([1.0, 2.0, 3.0])                # too few entries: robust estimate
+    assert mu == 2.0 and sigma == pytest.approx(1.4826)
+
+
+def test_resolution_table_per_class_and_method():
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 8], 3000)
+    orig = {"mass": rng.uniform(50, 200, 6000)}
+    rec = {"good": {"mass": orig["mass"] + rng.normal(0, 1.0, 6000)},
+           "shifted": {"mass": orig["mass"] + np.where(labels == 8, rng.normal(15, 5.0, 6000), rng.normal(0, 2.0, 6000))}}
+    t = resolution_table(orig, rec, labels, observables=("mass",))
+    assert set(t["good"]["mass"]) == {"QCD", "Tbqq", "all"}
+    assert t["good"]["mass"]["Tbqq"]["sigma"] == pytest.approx(1.0, rel=0.1)
+    assert t["shifted"]["mass"]["Tbqq"]["mu"] == pytest.approx(15.0, abs=0.5)
+    assert t["shifted"]["mass"]["Tbqq"]["sigma"] == pytest.approx(5.0, rel=0.1)
+    assert t["shifted"]["mass"]["QCD"]["sigma"] == pytest.approx(2.0, rel=0.1)
+    assert t["shifted"]["mass"]["Tbqq"]["n"] == 3000
+
+
+def test_codebook_usage_counts_only_real_tokens():
+    tokens = np.array([[0, 1, 2, 3, 5], [0, 1, 2, 3, -1]])
+    mask = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 1, 0]], bool)
+    u = codebook_usage(tokens, mask, 8)
+    assert u["usage"] == 0.5 and u["used"] == 4 and u["perplexity"] == pytest.approx(4.0)
+    with pytest.raises(OmnijetError):
+        codebook_usage(tokens, np.ones_like(mask), 8)        # -1 at a position marked real
+
+
+def test_transformer_classifier_shapes_masking_and_permutation():
+    torch.manual_seed(0)
+    cfg = TransformerClassifierConfig(dim=16, num_heads=2, mlp_hidden=16, num_blocks=2, num_class_blocks=2,
+                                      head=[8, 8], dropout=0.0)
+    model = TransformerClassifier(cfg).eval()
+    paper = TransformerClassifier()
+    assert len(paper.blocks) == 5 and len(paper.class_blocks) == 2 and paper.head[-1].out_features == 10
+    x, mask = torch.randn(3, 6, 3), torch.ones(3, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    mask[2, 1:] = False
+    out = model(x, mask)
+    assert out.shape == (3, 10) and torch.isfinite(out).all()
+    x2 = x.clone()
+    x2[~mask] = 100.0                                         # padding must not matter
+    torch.testing.assert_close(model(x2, mask), out)
+    perm = torch.randperm(6)                                  # a set of constituents: order must not matter
+    torch.testing.assert_close(model(x[:, perm], mask[:, perm]), out, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert model.cls_token.grad is not None and model.embed.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch,kw", [("deepsets", {"phi": [16, 16], "f": [16]}),
+                                     ("transformer", {"dim": 16, "num_heads": 2, "mlp_hidden": 16, "num_blocks": 1,
+                                                      "num_class_blocks": 1, "head": [16]})])
+def test_classifier_accuracy_learns_a_separable_task(arch, kw):
+    from omnijet_lib.training.classifier import split_indices
+    from omnijet_lib.training.fit import TrainConfig
+
+    rng = np.random.default_rng(0)
+    n, L = 600, 8
+    labels = rng.integers(0, 3, n)
+    x = rng.normal(0, 0.3, (n, L, 3)).astype(np.float32)
+    x[..., 0] += labels[:, None] * 1.5                       # class shifts the first feature
+    mask = np.arange(L)[None] < rng.integers(2, L + 1, n)[:, None]
+    split = split_indices(n, seed=0)
+    cfg = TrainConfig(progress_bar=False, accelerator="cpu", devices=1)
+    extra = [("again", x[split[2]], mask[split[2]], labels[split[2]])]
+    model, acc = classifier_accuracy(arch, x, mask, labels, split, epochs=6, batch_size=32, lr=3e-3, train_config=cfg,
+                                     model_kw=kw, extra_test=extra, seed=0)
+    assert acc["test"] > 0.9 and acc["again"] == acc["test"]
+    with pytest.raises(OmnijetError, match="unknown"):
+        classifier_accuracy("bdt", x, mask, labels, split, epochs=1)
+
+
+def test_load_or_train_tokenizer_saves_then_reuses(tmp_path):
+    from omnijet_lib.tokenizers.evaluation import load_or_train_tokenizer, tokenizer_dir
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (20, 5, 3)).astype(np.float32)
+    mask = np.ones((20, 5), bool)
+    msgs = []
+    tok = load_or_train_tokenizer(tmp_path, "binned", 27, x, mask, epochs=1, progress=msgs.append)
+    path = tokenizer_dir(tmp_path, "binned", 27) / "tokenizer.safetensors"
+    assert path.is_file() and "trained" in msgs[-1] and tok.num_codes == 27
+    again = load_or_train_tokenizer(tmp_path, "binned", 27, x * 0, mask, epochs=1, progress=msgs.append)
+    assert "loaded" in msgs[-1]
+    torch.testing.assert_close(again.lo, tok.lo)               # the saved one, not refitted to x * 0
+    import shutil
+    shutil.copytree(path.parent, tokenizer_dir(tmp_path, "binned", 64))
+    with pytest.raises(OmnijetError, match="27 codes, expected 64"):
+        load_or_train_tokenizer(tmp_path, "binned", 64, x, mask, epochs=1, progress=msgs.append)
