@@ -11,7 +11,6 @@ reconstructed real jets on a 60/20/20 split; the test AUC is 0.5 for a perfect g
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from pathlib import Path
@@ -95,7 +94,6 @@ def classifier_test(real_x, real_mask, gen_x, gen_mask, seeds=(0, 1, 2), epochs:
     from .metrics import roc_auc
     from .models.deepsets import DeepSets, DeepSetsConfig
     from .training.classifier import predict_proba, split_indices, train_classifier
-    from .training.fit import TrainConfig
 
     n = min(len(real_x), len(gen_x))
     if n < 5:
@@ -110,11 +108,10 @@ def classifier_test(real_x, real_mask, gen_x, gen_mask, seeds=(0, 1, 2), epochs:
     aucs = []
     for s in seeds:
         tr, va, te = split_indices(len(y), (0.6, 0.2, 0.2), seed=s)
-        cfg = dataclasses.replace(train_config or TrainConfig(), max_epochs=epochs, seed=s)
         torch.manual_seed(s)
         model = DeepSets(DeepSetsConfig(n_features=3, n_classes=2, phi=list(phi), f=list(f)))
         model = train_classifier(model, x[tr], mask[tr], y[tr], val=(x[va], mask[va], y[va]), epochs=epochs,
-                                 batch_size=batch_size, lr=lr, train_config=cfg, seed=s)
+                                 batch_size=batch_size, lr=lr, train_config=train_config, seed=s)
         aucs.append(roc_auc(y[te], predict_proba(model.cpu(), x[te], mask[te])[:, 1]))
     return {"auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)), "aucs": [float(a) for a in aucs],
             "n_per_sample": int(n)}

@@ -176,13 +176,11 @@ def classifier_accuracy(arch: str, x, mask, labels, split, epochs: int, batch_si
     when None). ``accuracies`` has ``"test"`` and one entry per
     ``extra_test`` item ``(name, x, mask, labels)`` (e.g. a real-data sample).
     """
-    import dataclasses
     import tempfile
 
     from ..models.deepsets import DeepSets, DeepSetsConfig
     from ..models.normformer import TransformerClassifier, TransformerClassifierConfig
     from ..training.classifier import predict_proba, train_classifier
-    from ..training.fit import TrainConfig
 
     archs = {"deepsets": (DeepSets, DeepSetsConfig), "transformer": (TransformerClassifier, TransformerClassifierConfig)}
     if arch not in archs:
@@ -197,11 +195,10 @@ def classifier_accuracy(arch: str, x, mask, labels, split, epochs: int, batch_si
     model = model_cls(cfg)
     x, mask, labels = np.asarray(x, np.float32), np.asarray(mask, bool), np.asarray(labels, np.int64)
     tr, va, te = split
-    cfg_t = dataclasses.replace(train_config or TrainConfig(), max_epochs=epochs, seed=seed)
     with tempfile.TemporaryDirectory() as tmp:
         model = train_classifier(model, x[tr], mask[tr], labels[tr], val=(x[va], mask[va], labels[va]),
                                  out_dir=out_dir or tmp, epochs=epochs, batch_size=batch_size, lr=lr,
-                                 train_config=cfg_t, seed=seed)
+                                 train_config=train_config, seed=seed)
     acc = {}
     for name, xt, mt, yt in [("test", x[te], mask[te], labels[te]), *extra_test]:
         p = predict_proba(model, np.asarray(xt, np.float32), np.asarray(mt, bool))
