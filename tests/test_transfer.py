@@ -1,0 +1,220 @@
+"""Transfer learning (issue #8): the GPT classification head, loading a pre-trained backbone,
+and the three training strategies (from scratch, frozen backbone, fine-tune everything)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from omnijet_lib.io import OmnijetError
+from omnijet_lib.models.classifier import GPTClassifier
+from omnijet_lib.models.gpt import GPT, GPTConfig
+from omnijet_lib.training.fit import save_model
+from omnijet_lib.training.transfer import (
+    STRATEGIES, available_sizes, make_transfer_model, paper_patience, roc_auc, run_transfer_study, summarize,
+    train_transfer, training_subset, transfer_split,
+)
+
+K = 8                    # toy codebook: vocabulary K + 2 = 10, start 0, stop 9
+TINY = GPTConfig(vocab_size=K + 2, n_embd=16, n_head=2, n_layer=1, ffn=32)
+
+
+def toy_sequences(n=120, seed=0, max_len=12):
+    """Sequences whose codes come from 1..4 (class 1) or 5..8 (class 0); padded with junk."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    lengths = rng.integers(3, max_len - 1, n)                  # constituents per jet
+    seq = rng.integers(0, K + 2, (n, max_len))                   # padding: arbitrary ids
+    mask = np.zeros((n, max_len), bool)
+    for i, (c, L) in enumerate(zip(y, lengths)):
+        codes = rng.integers(1, 5, L) if c else rng.integers(5, 9, L)
+        seq[i, 0], seq[i, 1:L + 1], seq[i, L + 1] = 0, codes, K + 1
+        mask[i, :L + 2] = True
+    return seq, mask, y
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Toy models: one thread is faster, and far faster on a shared, oversubscribed CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def backbone(tmp_path):
+    """A (randomly initialised) GPT saved like train_gpt saves it."""
+    torch.manual_seed(0)
+    gpt = GPT(TINY)
+    path = tmp_path / "gpt_combined" / "gpt.safetensors"
+    save_model(path, gpt)
+    return path, gpt
+
+
+def _backbone_state(model: GPTClassifier):
+    return {k: v.detach().clone() for k, v in model.gpt.state_dict().items()}
+
+
+def _head_state(model: GPTClassifier):
+    return [p.detach().clone() for p in model.head_parameters()]
+
+
+def test_head_ignores_padding():
+    torch.manual_seed(0)
+    model = GPTClassifier(TINY).eval()
+    assert torch.count_nonzero(model(*map(torch.as_tensor, toy_sequences(4)[:2]))) == 0  # starts at p = 1/2
+    torch.nn.init.normal_(model.out.weight)                       # the zero-initialised last layer
+    seq, mask, _ = toy_sequences(8)
+    s, m = torch.as_tensor(seq), torch.as_tensor(mask)
+    ref = model(s, m)
+    assert ref.shape == (8, 2)
+    junk = s.clone()
+    junk[~m] = 7                                                  # other padding ids
+    wider = torch.cat([junk, torch.full((8, 5), 3)], 1)           # and more padded columns
+    wmask = torch.cat([m, torch.zeros(8, 5, dtype=torch.bool)], 1)
+    torch.testing.assert_close(model(wider, wmask), ref)
+    # but a real token does change the logits
+    s2 = s.clone()
+    s2[0, 1] = 1 if s2[0, 1] != 1 else 2
+    assert not torch.allclose(model(s2, m)[0], ref[0])
+
+
+def test_from_pretrained_copies_backbone_exactly(backbone):
+    path, gpt = backbone
+    model = GPTClassifier.from_pretrained(path, tokenizer_vocab=K + 2)
+    own = model.gpt.state_dict()
+    ref = {k: v for k, v in gpt.state_dict().items() if not k.startswith("head.")}
+    assert set(own) == set(ref) and len(own) > 0
+    for k in ref:
+        assert torch.equal(own[k], ref[k]), k
+    assert model.gpt.head is None                                  # next-token head dropped
+
+
+def test_from_pretrained_refuses_mismatches(backbone, tmp_path):
+    path, _ = backbone
+    with pytest.raises(OmnijetError, match=r"vocabulary is 10 \(8 codes.*tokenizer gives 514 \(512 codes\)"):
+        GPTClassifier.from_pretrained(path, tokenizer_vocab=514)
+    with pytest.raises(OmnijetError, match=r"n_embd 16 \(checkpoint\) vs 256 \(expected\)"):
+        GPTClassifier.from_pretrained(path, backbone_config=GPTConfig(vocab_size=K + 2, n_head=2, n_layer=1, ffn=32))
+    # a checkpoint of another model, and tensors that do not fit the recorded config
+    other = tmp_path / "not_gpt.safetensors"
+    save_model(other, GPTClassifier(TINY).token_mlp)
+    with pytest.raises(OmnijetError, match="expected a GPT backbone"):
+        GPTClassifier.from_pretrained(other)
+    bad = tmp_path / "bad" / "gpt.safetensors"
+    wrong = GPT(TINY)
+    wrong.config = GPTConfig(vocab_size=K + 2, n_embd=16, n_head=2, n_layer=1, ffn=64)  # lies about ffn
+    save_model(bad, wrong)
+    with pytest.raises(OmnijetError, match="shapes differ"):
+        GPTClassifier.from_pretrained(bad)
+
+
+def _train(strategy, path, seed=3, epochs=3):
+    seq, mask, y = toy_sequences(64)
+    val = toy_sequences(32, seed=1)
+    return train_transfer(strategy, seq, mask, y, val, path, tokenizer_vocab=K + 2, max_epochs=epochs,
+                          batch_size=16, lr=1e-2, seed=seed)
+
+
+def test_frozen_backbone_stays_fixed_head_learns(backbone):
+    path, _ = backbone
+    init, params = make_transfer_model("frozen", path, K + 2, seed=3)
+    assert {id(p) for p in params} == {id(p) for p in init.head_parameters()}
+    trained = _train("frozen", path)
+    for k, v in _backbone_state(init).items():
+        assert torch.equal(trained.gpt.state_dict()[k], v), k
+    assert any(not torch.equal(a, b) for a, b in zip(_head_state(init), _head_state(trained)))
+
+
+def test_finetune_changes_backbone_and_head(backbone):
+    path, _ = backbone
+    init, _ = make_transfer_model("finetune", path, K + 2, seed=3)
+    trained = _train("finetune", path)
+    changed = [k for k, v in _backbone_state(init).items() if not torch.equal(trained.gpt.state_dict()[k], v)]
+    assert "embed.weight" in changed and any(k.startswith("blocks.") for k in changed)
+    assert any(not torch.equal(a, b) for a, b in zip(_head_state(init), _head_state(trained)))
+
+
+def test_from_scratch_is_random_and_matches_architecture(backbone):
+    path, gpt = backbone
+    model, params = make_transfer_model("from_scratch", path, K + 2, seed=5)
+    assert model.backbone_config == TINY and len(params) == len(list(model.parameters()))
+    assert not torch.equal(model.gpt.embed.weight, gpt.embed.weight)
+    with pytest.raises(OmnijetError, match="strategy 'bogus'"):
+        make_transfer_model("bogus", path)
+
+
+def test_study_end_to_end_and_resume(backbone, tmp_path):
+    path, _ = backbone
+    seq, mask, y = toy_sequences(160)
+    split = transfer_split(y, n_test=40, n_val=20, seed=0)
+    kw = dict(sizes=[20, 40], seeds=[0], backbone_path=path, tokenizer_vocab=K + 2, out_dir=tmp_path / "runs",
+              max_epochs=4, batch_size=16, lr=1e-2, progress=None)
+    results = run_transfer_study(seq, mask, y, split, **kw)
+    assert len(results) == 2 * len(STRATEGIES)
+    for r in results:
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["auc"] <= 1
+        assert 1 <= r["best_epoch"] <= r["epochs"] <= 4 and r["patience"] == 20
+    # the toy task is easy: the best strategy separates the classes
+    assert max(r["auc"] for r in results) > 0.9
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 6 and all((d / "result.json").is_file() for d in runs)
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))           # checkpoints removed
+    assert json.loads((runs[0] / "result.json").read_text())["settings"]["backbone"]
+    again = run_transfer_study(seq, mask, y, split, **kw)          # all cached: identical
+    assert again == results
+    table = summarize(results)
+    assert set(table) == set(STRATEGIES) and set(table["frozen"]) == {20, 40}
+    assert table["finetune"][20]["n_seeds"] == 1 and table["finetune"][20]["accuracy_std"] == 0
+
+
+def test_splits_are_balanced_disjoint_and_nested():
+    y = np.r_[np.zeros(70, int), np.ones(50, int)]
+    split = transfer_split(y, n_test=40, n_val=20, seed=1)
+    t, v, p = split["test"], split["val"], split["pool"]
+    assert len(set(t) | set(v) | set(p)) == len(t) + len(v) + len(p) == 120
+    assert y[t].sum() == 20 and y[v].sum() == 10
+    small, large = training_subset(y, p, 10, seed=0), training_subset(y, p, 30, seed=0)
+    assert y[small].sum() == 5 and set(small) <= set(large) and set(large) <= set(p)
+    assert not np.array_equal(training_subset(y, p, 10, seed=1), small)
+    with pytest.raises(OmnijetError, match="needs 21 jets of class 1, the pool has 20"):
+        training_subset(y, p, 42, seed=0)
+    assert available_sizes(y, p, [10, 40, 42, 100]) == ([10, 40], [42, 100])
+    with pytest.raises(OmnijetError, match="even"):
+        training_subset(y, p, 11, seed=0)
+    with pytest.raises(OmnijetError, match="test set: needs 60 jets of class 1"):
+        transfer_split(y, n_test=120, n_val=2)
+
+
+def test_roc_auc_and_patience():
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert roc_auc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0
+    assert roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.6, 0.5, 0.9]) == 0.75
+    with pytest.raises(OmnijetError):
+        roc_auc([1, 1], [0.1, 0.2])
+    assert [paper_patience(n) for n in (100, 10_000, 100_000, 1_000_000, 2_000_000)] == [20, 20, 10, 10, 5]
+
+
+def test_ensure_backbone_trains_once_then_reuses(tmp_path):
+    from omnijet_lib.training.transfer import ensure_backbone
+
+    rng = np.random.default_rng(0)
+    mask = np.arange(16)[None, :] < rng.integers(4, 16, 48)[:, None]
+    x = (rng.normal(0, 1, (48, 16, 3)) * mask[..., None]).astype(np.float32)
+    path = tmp_path / "gpt_combined" / "gpt.safetensors"
+    kw = dict(kind="binned", num_codes=27, gpt_epochs=1, gpt_config=dict(n_embd=16, n_head=2, n_layer=1, ffn=32),
+              progress=lambda m: None)
+    tok, p = ensure_backbone(path, tmp_path, (x, mask), **kw)
+    assert p == path and path.is_file() and tok.vocab_size == 29
+    assert (tmp_path / "tokenizer_binned_27" / "tokenizer.safetensors").is_file()
+    model = GPTClassifier.from_pretrained(path, tokenizer_vocab=tok.vocab_size)
+    assert model.backbone_config.vocab_size == 29 and model.backbone_config.n_embd == 16
+    stamp = path.stat().st_mtime_ns
+    tok2, _ = ensure_backbone(path, tmp_path, lambda: pytest.fail("data must not be needed"), **kw)
+    assert path.stat().st_mtime_ns == stamp and tok2.vocab_size == 29
+    (tmp_path / "tokenizer_binned_27" / "tokenizer.safetensors").unlink()
+    with pytest.raises(OmnijetError, match=r"needs the tokenizer it was trained with; not found at .*tokenizer_binned_27"):
+        ensure_backbone(path, tmp_path, (x, mask), **kw)
