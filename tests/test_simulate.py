@@ -164,7 +164,10 @@ def test_cache_key_hashes_settings_not_workers(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(S, "simulate_dataset", lambda out, *a, **k: seen.update(out=out, args=a, kw=k))
     out = S.default_dataset(300, seed=1, root=tmp_path, workers=2)
-    assert out == tmp_path / "simulated" / a.cache_key() and seen["out"] == out
+    assert out == tmp_path / "simulated" / a.cache_key() and seen["out"] == out and seen["kw"]["classes"] is None
+    # a subset of classes is simulated into the same cache folder (files are per class)
+    assert S.default_dataset(300, seed=1, root=tmp_path, classes=["QCD", "Tbqq"]) == out
+    assert seen["kw"]["classes"] == ["QCD", "Tbqq"]
 
 
 def test_quiet(capfd):

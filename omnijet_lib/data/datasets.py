@@ -29,17 +29,20 @@ def real_sample_path() -> Path | None:
 def load_dataset(data_files=None, per_class: int = 300, seed: int = 1, classes=None,
                  max_jets: int | None = None, workers: int = 2) -> ak.Array:
     """Jets from ``data_files`` (path, glob or list of JetClass-schema files) or, when ``None``,
-    from the embedded Pythia 8 simulation (``per_class`` jets per class, cached by settings)."""
-    return read_jetclass(dataset_files(data_files, per_class, seed, workers), classes=classes, max_jets=max_jets)
+    from the embedded Pythia 8 simulation (``per_class`` jets per class, cached by settings; only
+    ``classes`` are simulated when given)."""
+    return read_jetclass(dataset_files(data_files, per_class, seed, workers, classes), classes=classes,
+                         max_jets=max_jets)
 
 
-def dataset_files(data_files=None, per_class: int = 300, seed: int = 1, workers: int = 2):
-    """``data_files`` as given, or the glob of the embedded simulation (simulated on first use)."""
+def dataset_files(data_files=None, per_class: int = 300, seed: int = 1, workers: int = 2, classes=None):
+    """``data_files`` as given, or the glob of the embedded simulation (simulated on first use;
+    ``classes``: only these)."""
     if data_files is not None:
         return data_files
     from .simulate import default_dataset
 
-    return str(default_dataset(per_class=per_class, seed=seed, workers=workers) / "*.root")
+    return str(default_dataset(per_class=per_class, seed=seed, workers=workers, classes=classes) / "*.root")
 
 
 def _feature_chunk(args) -> tuple:

@@ -686,15 +686,16 @@ def _load_chunk(path: Path) -> dict:
 
 
 def default_dataset(per_class: int, seed: int = 1, root=None, workers: int = 2,
-                    progress: bool = True) -> Path:
+                    progress: bool = True, classes: Sequence | None = None) -> Path:
     """The cached embedded dataset: ``<root or $OMNIJET_DATA or <repo>/data>/simulated/<key>/``,
-    simulated on first use (the key hashes every setting and the code versions)."""
+    simulated on first use (the key hashes every setting and the code versions). ``classes``:
+    simulate only these (files are per class, so other classes can be added later)."""
     from .datasets import data_root
 
     cfg = SimulationConfig(per_class=per_class, seed=seed, workers=workers)
     out = Path(root) if root is not None else data_root()
     out = out / "simulated" / cfg.cache_key()
-    simulate_dataset(out, per_class, seed=seed, workers=workers, progress=progress, config=cfg)
+    simulate_dataset(out, per_class, seed=seed, workers=workers, classes=classes, progress=progress, config=cfg)
     return out
 
 
