@@ -193,7 +193,9 @@ class GPT(nn.Module):
                   for _ in self.blocks]  # per block: keys, values (B, H, S, hd)
         probs = torch.empty(B, V - 1, device=dev, dtype=dt)  # sampler buffers, reused every step
         cdf = torch.empty(B, V - 1, device=dev, dtype=dt)
-        w, b = self.head.weight[1:], self.head.bias[1:]  # the head without the start-token row
+        # the head without the start-token row, transposed once: (C, V-1) contiguous is up to 2x
+        # faster than a transposed view for the small active batches of the tail
+        w_t, b = self.head.weight[1:].t().contiguous(), self.head.bias[1:]
         tokens = torch.zeros(B, S + 2, dtype=torch.long, device=dev)  # output, start at 0
         rows = torch.arange(B, device=dev)  # active slot -> output row; slots 0..n-1 are active
         cur = torch.full((B,), START, dtype=torch.long, device=dev)  # last token of each active slot
@@ -202,7 +204,7 @@ class GPT(nn.Module):
             x = self.embed(cur[:n])  # (n, C)
             for block, (kc, vc) in zip(self.blocks, caches):
                 x = block.step(x, kc[:n], vc[:n], t)
-            logits = torch.addmm(b, x, w.t(), out=probs[:n])  # (n, V-1): ids 1..V-1
+            logits = torch.addmm(b, x, w_t, out=probs[:n])  # (n, V-1): ids 1..V-1
             nxt = _inverse_cdf(logits, u[t, rows[:n]], temperature, cdf[:n]) + 1  # (n,)
             tokens[rows[:n], t + 1] = nxt
             fin = nxt == cfg.stop_token
