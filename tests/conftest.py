@@ -20,3 +20,14 @@ def real_jets(real_path):
     from omnijet_lib.data import read_jetclass
 
     return read_jetclass(real_path)
+
+
+@pytest.fixture
+def one_thread():
+    """Small models run faster on one torch thread, far faster on a shared, oversubscribed CPU."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -13,12 +13,7 @@ from omnijet_lib.training.epic_fm import (
 TINY = EPiCConfig(hidden=16, latent=4, n_layers=2)
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_jets(n=200, max_len=24, seed=0):

@@ -9,13 +9,7 @@ from scipy import stats
 from omnijet_lib.io import OmnijetError
 from omnijet_lib.models.gpt import GPT, GPTConfig, draw_uniforms, sample_tokens, sequences_to_codes
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CPU is shared; one thread keeps these small models fast and timings stable."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = GPTConfig(vocab_size=12, n_embd=32, n_head=4, n_layer=2, ffn=64, max_len=42)  # 10 codes

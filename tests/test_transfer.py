@@ -12,7 +12,7 @@ from omnijet_lib.models.classifier import GPTClassifier
 from omnijet_lib.models.gpt import GPT, GPTConfig
 from omnijet_lib.training.fit import save_model
 from omnijet_lib.training.transfer import (
-    STRATEGIES, available_sizes, make_transfer_model, paper_patience, roc_auc, run_transfer_study, summarize,
+    STRATEGIES, available_sizes, make_transfer_model, paper_patience, run_transfer_study, summarize,
     train_transfer, training_subset, transfer_split,
 )
 
@@ -34,13 +34,7 @@ def toy_sequences(n=120, seed=0, max_len=12):
     return seq, mask, y
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Toy models: one thread is faster, and far faster on a shared, oversubscribed CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -188,13 +182,7 @@ def test_splits_are_balanced_disjoint_and_nested():
         transfer_split(y, n_test=120, n_val=2)
 
 
-def test_roc_auc_and_patience():
-    assert roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
-    assert roc_auc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0
-    assert roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5
-    assert roc_auc([0, 0, 1, 1], [0.1, 0.6, 0.5, 0.9]) == 0.75
-    with pytest.raises(OmnijetError):
-        roc_auc([1, 1], [0.1, 0.2])
+def test_paper_patience():
     assert [paper_patience(n) for n in (100, 10_000, 100_000, 1_000_000, 2_000_000)] == [20, 20, 10, 10, 5]
 
 

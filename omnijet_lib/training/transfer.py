@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io import OmnijetError, write_json
+from ..metrics import roc_auc
 from ..models.classifier import GPTClassifier, backbone_config_of
 from ..models.gpt import GPTConfig
 from .classifier import predict_proba, train_classifier
@@ -43,7 +44,7 @@ from .gpt import check_sequences
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "STRATEGIES", "STRATEGY_LABELS", "paper_patience", "roc_auc", "binary_features", "transfer_split",
+    "STRATEGIES", "STRATEGY_LABELS", "paper_patience", "binary_features", "transfer_split",
     "training_subset", "available_sizes", "make_transfer_model", "train_transfer", "evaluate", "run_transfer_study",
     "summarize", "ensure_backbone",
 ]
@@ -59,18 +60,6 @@ STRATEGY_LABELS = {"from_scratch": "From scratch", "frozen": "Fine-tuning (backb
 def paper_patience(n_train: int) -> int:
     """Early-stopping patience of the paper for a training-set size: 20 / 10 / 5 epochs."""
     return 20 if n_train <= 10_000 else 10 if n_train <= 1_000_000 else 5
-
-
-def roc_auc(labels, scores) -> float:
-    """Area under the ROC curve (Mann-Whitney U with ties counted half); labels 0/1."""
-    from scipy.stats import rankdata
-
-    labels = np.asarray(labels).astype(bool)
-    n1, n0 = labels.sum(), (~labels).sum()
-    if n1 == 0 or n0 == 0:
-        raise OmnijetError("roc_auc: needs examples of both classes")
-    ranks = rankdata(np.asarray(scores, dtype=np.float64))
-    return float((ranks[labels].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 # ---------------------------------------------------------------------------- data
