@@ -98,25 +98,29 @@ def main(argv=None) -> dict:
             # one batch of jets each: the reference's cost does not depend on the content
             gen = run("generate", batch, batch, args, f"{tmp}/gen.npy")
             ref = run("reference", batch, batch, args, f"{tmp}/ref.npy")
-            same = bool(np.array_equal(np.load(f"{tmp}/gen.npy"), np.load(f"{tmp}/ref.npy")))
+            # float rounding differs between the cached and the full-prefix forward pass (~1e-6),
+            # so a draw that lands within that distance of a CDF boundary can flip a token
+            same = (np.load(f"{tmp}/gen.npy") == np.load(f"{tmp}/ref.npy")).all(1)
             rows.append({"batch": batch, "generate": gen, "reference": ref,
                          "ratio": gen["jets_per_s"] / ref["jets_per_s"],
-                         "ratio_cpu": gen["jets_per_cpu_s"] / ref["jets_per_cpu_s"], "identical": same})
+                         "ratio_cpu": gen["jets_per_cpu_s"] / ref["jets_per_cpu_s"],
+                         "identical": bool(same.all()), "identical_jets": float(same.mean())})
     print(f"GPT generation, paper size (vocab 8194), threads={rows[0]['generate']['threads']}, "
           f"mean constituents {rows[0]['generate']['mean_constituents']:.1f}")
     print("jets/s on the wall clock, and per CPU-second (robust when other jobs share the CPU)")
     print(f"{'batch':>6} {'generate jets/s':>16} {'reference jets/s':>17} {'ratio':>7} {'ratio CPU':>10} "
-          f"{'peak RSS MB gen/ref (over model)':>33} {'identical':>10}")
+          f"{'peak RSS MB gen/ref (over model)':>33} {'identical jets':>15}")
     for r in rows:
         g, f = r["generate"], r["reference"]
         print(f"{r['batch']:>6} {g['jets_per_s']:>16.1f} {f['jets_per_s']:>17.2f} {r['ratio']:>6.0f}x "
               f"{r['ratio_cpu']:>9.0f}x {g['peak_rss_mb']:>12.0f}/{f['peak_rss_mb']:.0f} "
-              f"({g['peak_over_model_mb']:.0f}/{f['peak_over_model_mb']:.0f}) {str(r['identical']):>10}")
+              f"({g['peak_over_model_mb']:.0f}/{f['peak_over_model_mb']:.0f}) {r['identical_jets']:>14.1%}")
     summary = [{"benchmark": f"GPT generation, batch {r['batch']}", "ours": r["generate"]["jets_per_s"],
                 "reference": r["reference"]["jets_per_s"], "unit": "jets/s", "ratio": r["ratio"],
                 "target": ">= 150x", "met": r["ratio"] >= 150, "peak_rss_mb": r["generate"]["peak_rss_mb"],
                 "note": f"vs generate_reference; generate median of {r['generate']['repeats']}, reference once; "
-                        f"CPU-time ratio {r['ratio_cpu']:.0f}x; identical tokens: {r['identical']}"}
+                        f"CPU-time ratio {r['ratio_cpu']:.0f}x; identical token sequences: {r['identical_jets']:.1%} of jets "
+                        f"(the rest differ by float rounding)"}
                for r in rows]
     result = {"benchmark": "generation", "rows": rows, "summary": summary}
     if args.json:
