@@ -35,27 +35,28 @@ from .io import OmnijetError, write_json
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "benchmarks"
 
-#: Script arguments per size. "default" is sized for <= 15 min on 2 idle CPU cores: loading at the
-#: issue's 200k jets, the others at reduced sizes (fewer jets and steps, smaller batches), because
-#: the references are slow (generate_reference ~1.3 s per jet per core, i.e. ~6 min for one batch
-#: of 256; a naive VQ-VAE step at batch 512 ~45 s and ~10 GB). Ratios grow with the batch, so
-#: the default ratios are conservative. "full" = each script's own defaults (its largest sizes:
-#: generation at batch 256 and 1024, VQ-VAE training at batch 512, GPT training at batch 256).
+#: Script arguments per size. "default" is sized for <= 15 min on 2 idle CPU cores and uses the
+#: issues' batch sizes where the reference allows it: loading at 200k jets, generation at batch 256
+#: (generate_reference needs ~4 min for it), GPT training at batch 256; VQ-VAE training at batch
+#: 256 instead of 512 (a naive step at 512 takes ~45 s and ~10 GB). "full" = each script's own
+#: defaults (its largest sizes: generation at batch 256 and 1024, VQ-VAE training at batch 512).
 SUITE: dict[str, dict[str, list[str]]] = {
     "loading": {"small": ["--small"], "default": [], "full": []},
     "simulation": {
         "small": ["--jets", "5", "--repeats", "1", "--scaling-jets", "5", "--scaling-classes", "QCD", "Tbqq"],
-        "default": ["--jets", "20", "--repeats", "3", "--scaling-jets", "20",
+        # scaling: enough jets per class that Pythia's start-up (~1 s per class and worker) is amortised
+        "default": ["--jets", "20", "--repeats", "3", "--scaling-jets", "100",
                     "--scaling-classes", "QCD", "Hbb", "Wqq", "Tbqq"],
         "full": [],
     },
     "tokenization": {
         "small": ["--small"],
-        "default": ["--jets", "1024", "--batch-size", "256", "--train-batch-size", "64", "--train-steps", "3"],
+        "default": ["--jets", "2048", "--batch-size", "256", "--train-batch-size", "256", "--train-steps", "2",
+                    "--train-jets", "4096"],
         "full": [],
     },
-    "gpt_training": {"small": ["--small"], "default": ["--batch", "64"], "full": []},
-    "generation": {"small": ["--small"], "default": ["--batches", "64"], "full": []},
+    "gpt_training": {"small": ["--small"], "default": ["--batch", "256"], "full": []},
+    "generation": {"small": ["--small"], "default": ["--batches", "256"], "full": []},
     "epic_fm": {"small": ["--small"], "default": [], "full": []},
     # no --small in this script; its JSON is a list of rows without "summary" (see ADAPTERS)
     "streaming_memory": {"small": ["--sizes", "20000", "40000"], "default": [], "full": ["--paper-size"]},

@@ -192,6 +192,37 @@ def test_loss_equals_full_head_cross_entropy_and_trimming():
         assert torch.allclose(model(seq[:, :-1], at=at), logits[at], atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_fused_head_cross_entropy_matches_autograd(chunk):
+    from omnijet_lib.models.gpt import head_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(11, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 11, (7,), generator=g)
+    ref = F.cross_entropy(h @ w.T + b, t)
+    ref_grads = torch.autograd.grad(2.5 * ref, (h, w, b))
+    fused = head_cross_entropy(h, w, b, t, chunk=chunk)
+    assert fused.dtype == torch.float64 and torch.allclose(fused, ref, atol=1e-6)
+    for a, r in zip(torch.autograd.grad(2.5 * fused, (h, w, b)), ref_grads):
+        assert a.dtype == r.dtype and torch.allclose(a, r, atol=1e-6)
+    with torch.no_grad():  # evaluation: no gradients formed
+        assert torch.allclose(head_cross_entropy(h, w, b, t, chunk=chunk), ref, atol=1e-6)
+
+
+def test_model_loss_gradients_match_unfused():
+    model = small_gpt(seed=4).train()
+    seq, mask = map(torch.from_numpy, random_sequences(6, SMALL.vocab_size, SMALL.max_len, np.random.default_rng(2)))
+    model.loss(seq, mask).backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    valid = mask[:, 1:]
+    F.cross_entropy(model(seq[:, :-1], mask[:, :-1], at=valid), seq[:, 1:][valid]).backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(fused[n], p.grad, atol=1e-5), n
+
+
 # ---------------------------------------------------------------------------- training
 def test_train_save_load_resume(tmp_path):
     from omnijet_lib.training import TrainConfig

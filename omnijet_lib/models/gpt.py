@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..io import OmnijetError
 
-__all__ = ["GPTConfig", "GPT", "sample_tokens", "draw_uniforms", "sequences_to_codes"]
+__all__ = ["GPTConfig", "GPT", "head_cross_entropy", "sample_tokens", "draw_uniforms", "sequences_to_codes"]
 
 START = 0  # start token id; codes are shifted by +1, the stop token is vocab_size - 1
 
@@ -137,11 +137,12 @@ class GPT(nn.Module):
 
     def loss(self, seq, mask):
         """Mean next-token cross-entropy over the real targets (tokens after start, up to and
-        including stop); the head runs on those positions only."""
+        including stop); the head runs on those positions only, fused with the loss
+        (:func:`head_cross_entropy`: the (M, V) logits never exist at once)."""
         inp, tgt = seq[:, :-1], seq[:, 1:]
         valid = mask[:, 1:]  # (B, T-1): the target is a real token
-        logits = self.forward(inp, mask[:, :-1], at=valid)  # (M, V)
-        return F.cross_entropy(logits, tgt[valid])
+        h = self.backbone(inp, mask[:, :-1])[valid]  # (M, C)
+        return head_cross_entropy(h, self.head.weight, self.head.bias, tgt[valid])
 
     # ------------------------------------------------------------------ sampling
     def _check_generate(self, n_jets, batch_size, temperature, max_constituents) -> int:
@@ -253,6 +254,63 @@ class GPT(nn.Module):
         finally:
             self.train(was_training)
         return _finish(out, self.config.stop_token)
+
+
+# ---------------------------------------------------------------------- fused head + loss
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits ``h @ W.T + b`` against ``target``, in row chunks.
+
+    Forward forms, chunk by chunk, the logits, their softmax and at once the gradients
+    ``(softmax - onehot) @ W`` and ``(softmax - onehot).T @ h``; backward only scales them.
+    Same FLOPs as head + ``F.cross_entropy``, but no (M, V) logits, log-softmax and gradient
+    tensors (~0.35 GB each for a batch of 256 jets and V = 8194) and ~3x fewer passes over them.
+    Computed in float32 (autocast off) whatever the input precision.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, chunk: int):  # h (M, C), weight (V, C), target (M,)
+        M = h.shape[0]
+        grads = any(ctx.needs_input_grad[:3])
+        with torch.autocast(h.device.type, enabled=False):
+            h32, w32, b32 = h.float(), weight.float(), bias.float()
+            total = torch.zeros((), dtype=torch.float64, device=h.device)
+            gh = torch.empty_like(h32) if grads else None
+            gw, gb = (torch.zeros_like(w32), torch.zeros_like(b32)) if grads else (None, None)
+            for s in range(0, M, chunk):
+                hs, ts = h32[s:s + chunk], target[s:s + chunk]
+                z = torch.addmm(b32, hs, w32.t())  # (m, V) logits
+                z_t = z.gather(1, ts[:, None])[:, 0]  # (m,) logit of the target
+                zmax = z.amax(1, keepdim=True)
+                p = z.sub_(zmax).exp_()  # unnormalised softmax, in place
+                norm = p.sum(1, keepdim=True)  # (m, 1)
+                total += (zmax[:, 0] + norm[:, 0].log() - z_t).sum(dtype=torch.float64)
+                if grads:
+                    p.div_(norm)  # softmax
+                    p[torch.arange(len(ts), device=p.device), ts] -= 1.0  # d(sum of CE)/d logits
+                    gh[s:s + chunk] = p @ w32
+                    gw.addmm_(p.t(), hs)
+                    gb += p.sum(0)
+        if grads:
+            ctx.save_for_backward(gh, gw, gb)
+        ctx.dtypes, ctx.n = (h.dtype, weight.dtype, bias.dtype), M
+        return (total / max(M, 1)).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gh, gw, gb = ctx.saved_tensors
+        scale = grad.float() / max(ctx.n, 1)
+        return ((gh * scale).to(ctx.dtypes[0]), (gw * scale).to(ctx.dtypes[1]), (gb * scale).to(ctx.dtypes[2]),
+                None, None)
+
+
+def head_cross_entropy(h, weight, bias, target, chunk: int | None = None):
+    """``F.cross_entropy(h @ weight.T + bias, target)`` (mean) without materialising the logits:
+    h (M, C), weight (V, C), bias (V,), target (M,) int. ``chunk`` rows at a time (default:
+    ~4M logits, 16 MB, per chunk)."""
+    if h.shape[0] == 0:
+        raise OmnijetError("head_cross_entropy: no target positions (empty batch?)")
+    chunk = chunk or max(64, 4_194_304 // weight.shape[0])
+    return _HeadCrossEntropy.apply(h, weight, bias, target, chunk)
 
 
 # ---------------------------------------------------------------------- sampling helpers
