@@ -52,6 +52,21 @@ def test_generate_equals_reference(dtype):
     assert not np.array_equal(seq, other)
 
 
+def test_generate_equals_reference_blocked_head():
+    """A vocabulary of several HEAD_BLOCKs and batches of >= 64 jets: the head runs in blocks."""
+    from omnijet_lib.models.gpt import HEAD_BLOCK
+
+    torch.manual_seed(5)
+    model = GPT(GPTConfig(vocab_size=2 * HEAD_BLOCK + 100, n_embd=32, n_head=4, n_layer=2, ffn=64, max_len=32)).eval()
+    with torch.no_grad():
+        model.head.bias[-1] += 3.0
+    kw = dict(n_jets=96, batch_size=96, max_constituents=30)
+    seq, _ = model.generate(generator=torch.Generator().manual_seed(1), **kw)
+    ref, _ = model.generate_reference(generator=torch.Generator().manual_seed(1), **kw)
+    assert seq.max() > HEAD_BLOCK  # tokens from the later blocks are drawn
+    np.testing.assert_array_equal(seq, ref)
+
+
 def test_generate_output_format():
     model = small_gpt(stop_bias=1.0)
     seq, mask = model.generate(40, batch_size=16, generator=torch.Generator().manual_seed(0), max_constituents=20)

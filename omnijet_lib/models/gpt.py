@@ -10,9 +10,10 @@ ReLU -> residual -> LayerNorm), causal self-attention, and a linear head onto th
 Sampling. :meth:`GPT.generate_reference` is the original algorithm: recompute the whole prefix
 (and the head on every position) at every one of the 128 steps. :meth:`GPT.generate` gives the
 same token sequences much faster: a key/value cache (one new token per step), an early exit
-once every jet has emitted stop, finished jets dropped from the active batch, and an exact
+once every jet has emitted stop, finished jets dropped from the active batch, an exact
 inverse-CDF sampler in preallocated buffers (``torch.multinomial`` over 8193 logits costs more
-than the model). Both take their random numbers from one table ``u[jet, step]`` of uniforms
+than the model), single-query attention as two small matmuls, and on CPUs the head GEMM in
+cache-sized column blocks. Both take their random numbers from one table ``u[jet, step]`` of uniforms
 drawn up front, so with the same ``generator`` they return identical sequences.
 """
 
@@ -30,6 +31,7 @@ from ..io import OmnijetError
 __all__ = ["GPTConfig", "GPT", "head_cross_entropy", "sample_tokens", "draw_uniforms", "sequences_to_codes"]
 
 START = 0  # start token id; codes are shifted by +1, the stop token is vocab_size - 1
+HEAD_BLOCK = 512  # vocabulary columns per head GEMM when sampling on a CPU
 
 
 @dataclass
@@ -81,7 +83,8 @@ class CausalSelfAttention(nn.Module):
         k_cache[:, :, t] = k[:, :, 0]
         v_cache[:, :, t] = v[:, :, 0]
         # attend over the cached prefix 0..t (all in the past: no mask needed)
-        y = F.scaled_dot_product_attention(q, k_cache[:, :, : t + 1], v_cache[:, :, : t + 1])  # (n, H, 1, hd)
+        att = torch.matmul(q, k_cache[:, :, : t + 1].transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)  # (n, H, 1, t+1)
+        y = torch.matmul(att.softmax(-1), v_cache[:, :, : t + 1])  # (n, H, 1, hd)
         return self.proj(y.reshape(n, C))
 
 
@@ -157,7 +160,7 @@ class GPT(nn.Module):
                                f"got {max_constituents}")
         return max_constituents
 
-    @torch.no_grad()
+    @torch.inference_mode()  # less per-op bookkeeping than no_grad: ~70 small ops per step
     def generate(self, n_jets: int, batch_size: int = 256, temperature: float = 1.0,
                  generator: torch.Generator | None = None, max_constituents: int | None = None):
         """Sample ``n_jets`` jets with a key/value cache.
@@ -205,7 +208,11 @@ class GPT(nn.Module):
             x = self.embed(cur[:n])  # (n, C)
             for block, (kc, vc) in zip(self.blocks, caches):
                 x = block.step(x, kc[:n], vc[:n], t)
-            logits = torch.addmm(b, x, w_t, out=probs[:n])  # (n, V-1): ids 1..V-1
+            logits = probs[:n]  # (n, V-1): ids 1..V-1
+            # on CPUs the head GEMM is ~1.4x faster in column blocks whose output stays in cache
+            step = HEAD_BLOCK if dev.type == "cpu" and n >= 64 else V - 1
+            for c in range(0, V - 1, step):
+                torch.addmm(b[c:c + step], x, w_t[:, c:c + step], out=logits[:, c:c + step])
             nxt = _inverse_cdf(logits, u[t, rows[:n]], temperature, cdf[:n]) + 1  # (n,)
             tokens[rows[:n], t + 1] = nxt
             fin = nxt == cfg.stop_token
@@ -229,7 +236,7 @@ class GPT(nn.Module):
         tokens[rows[:n], S + 1] = cfg.stop_token  # forced stop after S constituents
         return tokens
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate_reference(self, n_jets: int, batch_size: int = 256, temperature: float = 1.0,
                            generator: torch.Generator | None = None, max_constituents: int | None = None):
         """The original algorithm: every step re-runs the model (and the head on every position)
