@@ -87,19 +87,30 @@ def fit(module, train_loader, val_loader=None, out_dir: str | os.PathLike | None
     if cfg.patience is not None and val_loader is not None:
         callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"))
     callbacks.append(rank_aware_loaders(train_loader, val_loader))
-    trainer = pl.Trainer(
-        max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, accelerator=cfg.accelerator,
-        devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=cfg.precision,
-        callbacks=callbacks, enable_progress_bar=cfg.progress_bar, logger=False,
-        enable_checkpointing=out_dir is not None, default_root_dir=out_dir,
-        log_every_n_steps=cfg.log_every_n_steps, enable_model_summary=False,
-        gradient_clip_val=cfg.gradient_clip_val, num_sanity_val_steps=0,
-        use_distributed_sampler=False, plugins=[_atomic_checkpoint_io()],
-    )
+    # without a progress bar (notebooks, batch jobs) Lightning's start-up chatter (devices, tips)
+    # is silenced as well; warnings, errors and its messages during fit ("Restoring states") show
+    pl_log = logging.getLogger("lightning.pytorch")
+    level = pl_log.level
+    if not cfg.progress_bar:
+        pl_log.setLevel(max(level, logging.WARNING))
+    try:
+        trainer = pl.Trainer(
+            max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, accelerator=cfg.accelerator,
+            devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=cfg.precision,
+            callbacks=callbacks, enable_progress_bar=cfg.progress_bar, logger=False,
+            enable_checkpointing=out_dir is not None, default_root_dir=out_dir,
+            log_every_n_steps=cfg.log_every_n_steps, enable_model_summary=False,
+            gradient_clip_val=cfg.gradient_clip_val, num_sanity_val_steps=0,
+            use_distributed_sampler=False, plugins=[_atomic_checkpoint_io()],
+        )
+    finally:
+        pl_log.setLevel(level)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*number of training batches.*")
         warnings.filterwarnings("ignore", ".*IterableDataset. has .__len__. defined.*")  # ours splits by worker
+        warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")  # we resume there
+        warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")  # Lightning vs torch 2.13
         trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True)
     if best_cb is not None and val_loader is not None and best_cb.best_model_path:
         state = torch.load(best_cb.best_model_path, map_location="cpu", weights_only=True)
