@@ -244,6 +244,16 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
         for arch in p.get("classifier_kw", {}) or {}:
             runs.append((f"{arch} classifier x{n_inputs} inputs", arch, n_inputs * train,
                          p.get("classifier_epochs", 1), p.get("classifier_batch_size", 256)))
+    elif stem.startswith("02"):
+        # q/g + t->bqq' jets: 2 of the 10 classes, or gpt_per_class of each (simulation only)
+        pair = 2 * p["gpt_per_class"] if p.get("gpt_per_class") and p.get("data_files") is None else 0.2 * n
+        runs.append(("tokenizer (if not reused)", "vqvae", n, p.get("tokenizer_epochs", 1), 512))
+        runs.append(("3 GPT backbones (q/g, t->bqq', both)", "gpt", 2 * pair, p.get("epochs", 1), p.get("batch_size", 256)))
+        gen = 3 * p.get("n_generate", 0)
+        runs.append((f"generation of {gen} jets", "gpt_generate", gen, 1, None))
+        runs.append((f"classifier test x{len(p.get('classifier_seeds', []))} seeds", "deepsets",
+                     3 * 0.6 * 2 * p.get("n_generate", 0) * len(p.get("classifier_seeds", [])),
+                     p.get("classifier_epochs", 1), p.get("classifier_batch_size", 256)))
     elif stem.startswith("03"):
         pool = max(n - p.get("n_test", 0), 0)
         if p.get("backbone_path") is None:
