@@ -131,12 +131,10 @@ class GPT(nn.Module):
             x = x * mask[..., None]
         return x
 
-    def forward(self, seq, mask=None, at=None):
-        """Next-token logits. ``at=None``: all positions, (B, T, V). ``at`` a bool (B, T): only
-        those positions, (M, V) in row-major order -- the head (V x n_embd) dominates the cost,
-        so evaluate it where it is needed."""
-        h = self.backbone(seq, mask)
-        return self.head(h if at is None else h[at])
+    def forward(self, seq, mask=None):
+        """Next-token logits at every position, (B, T, V). Training uses :meth:`loss`, which
+        evaluates the head (V x n_embd, the dominant cost) only where targets are real."""
+        return self.head(self.backbone(seq, mask))
 
     def loss(self, seq, mask):
         """Mean next-token cross-entropy over the real targets (tokens after start, up to and
@@ -271,7 +269,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
     ``(softmax - onehot) @ W`` and ``(softmax - onehot).T @ h``; backward only scales them.
     Same FLOPs as head + ``F.cross_entropy``, but no (M, V) logits, log-softmax and gradient
     tensors (~0.35 GB each for a batch of 256 jets and V = 8194) and ~3x fewer passes over them.
-    Computed in float32 (autocast off) whatever the input precision.
+    Computed in float32 (autocast off) whatever the input precision; M > 0 (checked by the caller).
     """
 
     @staticmethod
@@ -300,12 +298,12 @@ class _HeadCrossEntropy(torch.autograd.Function):
         if grads:
             ctx.save_for_backward(gh, gw, gb)
         ctx.dtypes, ctx.n = (h.dtype, weight.dtype, bias.dtype), M
-        return (total / max(M, 1)).to(h.dtype)
+        return (total / M).to(h.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         gh, gw, gb = ctx.saved_tensors
-        scale = grad.float() / max(ctx.n, 1)
+        scale = grad.float() / ctx.n
         return ((gh * scale).to(ctx.dtypes[0]), (gw * scale).to(ctx.dtypes[1]), (gb * scale).to(ctx.dtypes[2]),
                 None, None)
 
