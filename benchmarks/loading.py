@@ -5,8 +5,8 @@
     python benchmarks/loading.py --json out.json
 
 The input is the real 500-jet JetClass sample (../shared) repeated, written once as a TTree
-like the official files (or synthetic jets when ../shared is absent). Single process unless
-``--workers``; median of ``--repeats``.
+like the official files (or synthetic jets when ../shared is absent). One thread, then
+``--workers`` threads on the same file; median of ``--repeats``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from omnijet_lib.data import load_padded, make_jets, read_jetclass, real_sample_path, write_jetclass  # noqa: E402
 
 
-def make_input(n_jets: int, folder: Path, n_files: int = 1) -> list[Path]:
+def make_input(n_jets: int, folder: Path) -> Path:
     real = real_sample_path()
     if real is not None:
         base = read_jetclass(real)
@@ -40,20 +40,14 @@ def make_input(n_jets: int, folder: Path, n_files: int = 1) -> list[Path]:
         phi = ak.unflatten(rng.normal(0, 0.2, counts.sum()), counts)
         v = vector.zip({"pt": pt, "eta": eta, "phi": phi, "mass": pt * 0})
         base = make_jets(vector.zip({"px": v.px, "py": v.py, "pz": v.pz, "E": v.E}), 0)
-    per_file = n_jets // n_files
-    reps = -(-per_file // len(base))
-    block = ak.concatenate([base] * reps)[:per_file]
-    paths = []
-    for i in range(n_files):
-        p = folder / f"TTBar_{i:03d}.root"
-        write_jetclass(p, block)
-        paths.append(p)
-    return paths
+    reps = -(-n_jets // len(base))
+    # written like the official files: one TTree in baskets (write_jetclass.BASKET_JETS)
+    return write_jetclass(folder / "TTBar_000.root", ak.concatenate([base] * reps)[:n_jets])
 
 
-def naive_padded(files, max_len: int = 128):
+def naive_padded(path, max_len: int = 128):
     """The straightforward awkward version: vector methods per constituent, pad_none + fill_none."""
-    jets = read_jetclass([str(f) for f in files])
+    jets = read_jetclass(path)
     part = jets.part
     axis = ak.sum(part, axis=1)
     deta = part.eta - axis.eta
@@ -83,11 +77,9 @@ def run(small: bool = False, repeats: int = 3, workers: int = 2) -> dict:
         t_ours, (x, m, _) = timed(lambda: load_padded(one), repeats)
         t_naive, (xn, mn, _) = timed(lambda: naive_padded(one), max(1, repeats - 2))
         same = bool(np.array_equal(m, mn) and np.allclose(x[m], xn[mn], atol=1e-4))
-        multi = Path(tmp) / "multi"
-        multi.mkdir()
-        files = make_input(n, multi, n_files=2 * workers)
-        t_multi, _ = timed(lambda: load_padded(files, workers=workers), max(1, repeats - 2))
-        t_single, _ = timed(lambda: load_padded(files, workers=1), max(1, repeats - 2))
+        t_multi, (xw, mw, _) = timed(lambda: load_padded(one, workers=workers), repeats)
+        same_workers = bool(np.array_equal(x, xw) and np.array_equal(m, mw))
+    scaling = t_ours / t_multi
     rows = {
         "jets": n,
         "ours_jets_per_s": n / t_ours,
@@ -96,14 +88,21 @@ def run(small: bool = False, repeats: int = 3, workers: int = 2) -> dict:
         "identical_output": same,
         "workers": workers,
         "workers_jets_per_s": n / t_multi,
-        "single_jets_per_s_same_files": n / t_single,
-        "worker_scaling": t_single / t_multi,
+        "worker_scaling": scaling,
+        "workers_identical_output": same_workers,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "target": ">= 60000 jets/s on one core",
     }
-    rows["summary"] = [{"benchmark": "ROOT -> padded tensors", "ours": rows["ours_jets_per_s"],
-                        "reference": rows["naive_jets_per_s"], "unit": "jets/s", "ratio": rows["ratio"],
-                        "target": rows["target"], "met": rows["ours_jets_per_s"] >= 60_000}]
+    rows["summary"] = [
+        {"benchmark": "ROOT -> padded tensors", "ours": rows["ours_jets_per_s"],
+         "reference": rows["naive_jets_per_s"], "unit": "jets/s", "ratio": rows["ratio"],
+         "target": rows["target"], "met": rows["ours_jets_per_s"] >= 60_000},
+        # "scaling with workers": counted as met at >= 75% of linear
+        {"benchmark": f"ROOT -> padded tensors, {workers} workers vs 1", "ours": rows["workers_jets_per_s"],
+         "reference": rows["ours_jets_per_s"], "unit": "jets/s", "ratio": scaling,
+         "target": f">= {0.75 * workers:.1f}x (scaling with workers)",
+         "met": scaling >= 0.75 * workers and same_workers},
+    ]
     return rows
 
 
@@ -117,8 +116,9 @@ def main(argv=None) -> dict:
     res = run(a.small, a.repeats, a.workers)
     print(f"ROOT -> padded, {res['jets']} jets: ours {res['ours_jets_per_s']:,.0f} jets/s, naive awkward "
           f"{res['naive_jets_per_s']:,.0f} jets/s, ratio {res['ratio']:.1f}x, identical: {res['identical_output']}")
-    print(f"  {res['workers']} workers: {res['workers_jets_per_s']:,.0f} jets/s "
-          f"({res['worker_scaling']:.2f}x one process); peak RSS {res['peak_rss_mb']:.0f} MB; target {res['target']}")
+    print(f"  {res['workers']} workers: {res['workers_jets_per_s']:,.0f} jets/s ({res['worker_scaling']:.2f}x one "
+          f"worker, identical: {res['workers_identical_output']}); peak RSS {res['peak_rss_mb']:.0f} MB; "
+          f"target {res['target']}")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
     return res

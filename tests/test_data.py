@@ -5,9 +5,11 @@ import uproot
 import vector
 
 from omnijet_lib.data import (
-    CLASS_NAMES, class_index, constituent_features, features_to_p4, iter_jetclass, make_jets,
+    CLASS_NAMES, class_index, constituent_features, features_to_p4, iter_jetclass, load_padded, make_jets,
     padded_to_jagged, read_jetclass, to_padded, write_jetclass,
 )
+from omnijet_lib.data import jetclass
+from omnijet_lib.data.datasets import _entry_ranges
 from omnijet_lib.io import OmnijetError
 from omnijet_lib.observables import jet_mass
 
@@ -116,3 +118,55 @@ def test_nan_and_truncated_files(tmp_path):
     write_jetclass(tmp_path / "nan.root", bad)
     with pytest.raises(OmnijetError, match="nan.root: branch part_px contains 1 NaN/inf"):
         read_jetclass(tmp_path / "nan.root")
+
+
+@pytest.fixture
+def basketed_file(tmp_path, real_jets, monkeypatch):
+    """The real sample rewritten in baskets of 64 jets (the official files have many baskets)."""
+    monkeypatch.setattr(jetclass, "BASKET_JETS", 64)
+    f = write_jetclass(tmp_path / "baskets.root", real_jets)
+    assert uproot.open(f)["tree"]["part_px"].num_baskets == 8
+    return f
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"workers": 2}, {"workers": 2, "chunk": 100}, {"chunk": 1}])
+def test_load_padded_equals_read_features_pad(basketed_file, real_jets, kwargs):
+    x, mask, labels = load_padded(basketed_file, **kwargs)
+    ref_x, ref_mask = to_padded(constituent_features(real_jets))
+    assert np.array_equal(x, ref_x) and np.array_equal(mask, ref_mask)
+    assert np.array_equal(labels, ak.to_numpy(real_jets.label)) and labels.dtype == np.int32
+
+
+def test_load_padded_selects_classes_and_caps_across_files(basketed_file, real_path):
+    files = [basketed_file, real_path]
+    for classes, max_jets, max_len in [(["Tbqq", "QCD"], 70, 128), (None, 530, 20), ([3], None, 128)]:
+        jets = read_jetclass(files, classes=classes, max_jets=max_jets)
+        ref_x, ref_mask = to_padded(constituent_features(jets), max_len=max_len)
+        x, mask, labels = load_padded(files, classes=classes, max_jets=max_jets, max_len=max_len,
+                                      workers=2, chunk=64)
+        assert np.array_equal(x, ref_x) and np.array_equal(mask, ref_mask)
+        assert np.array_equal(labels, ak.to_numpy(jets.label))
+
+
+def test_load_chunks_follow_basket_edges(basketed_file):
+    tree = uproot.open(basketed_file)["tree"]
+    edges = set(tree["part_px"].entry_offsets)
+    for chunk, expect in [(1, 8), (64, 8), (65, 4), (100, 4), (10_000, 1)]:
+        ranges = _entry_ranges(tree, chunk)
+        assert len(ranges) == expect
+        assert ranges[0][0] == 0 and ranges[-1][1] == 500
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, no overlap
+        assert all(start in edges and stop in edges for start, stop in ranges)  # no basket read twice
+
+
+def test_load_padded_names_the_global_entry_of_a_nan(tmp_path, real_jets, monkeypatch):
+    monkeypatch.setattr(jetclass, "BASKET_JETS", 64)
+    px = ak.to_numpy(ak.flatten(real_jets.part.px)).copy()
+    counts = ak.to_numpy(ak.num(real_jets.part, axis=1))
+    px[counts[:300].sum()] = np.nan  # first constituent of jet 300, in the fifth basket
+    p = real_jets.part
+    bad = make_jets(vector.zip({"px": ak.unflatten(px, counts), "py": p.py, "pz": p.pz, "E": p.E}),
+                    ak.to_numpy(real_jets.label))
+    f = write_jetclass(tmp_path / "nan.root", bad)
+    with pytest.raises(OmnijetError, match=r"branch part_px contains 1 NaN/inf values \(first in entry 300\)"):
+        load_padded(f, workers=2, chunk=64)

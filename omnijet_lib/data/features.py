@@ -24,6 +24,8 @@ __all__ = [
     "PT_SHIFT",
     "ANGLE_SCALE",
     "constituent_features",
+    "flat_features",
+    "pad_into",
     "to_padded",
     "padded_to_jagged",
     "features_to_p4",
@@ -44,9 +46,16 @@ def constituent_features(jets: ak.Array) -> ak.Array:
     """
     part = jets.part if "part" in ak.fields(jets) else jets
     counts = ak.to_numpy(ak.num(part, axis=1))
-    energy = part.E if "E" in ak.fields(part) else part.energy
-    px, py, pz, e = (ak.to_numpy(ak.flatten(c)).astype(np.float32, copy=False)
-                     for c in (part.px, part.py, part.pz, energy))
+    px, py, pz = (ak.to_numpy(ak.flatten(c)).astype(np.float32, copy=False) for c in (part.px, part.py, part.pz))
+    feats, new_counts = flat_features(px, py, pz, counts)
+    return ak.unflatten(feats, new_counts)
+
+
+def flat_features(px: np.ndarray, py: np.ndarray, pz: np.ndarray,
+                  counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`constituent_features` on flat constituent arrays (GeV; ``counts`` per jet):
+    ``(features (M, 3) float32, kept constituents per jet (N,))``. The energy is not needed:
+    the axis direction and the relative angles use the 3-momenta only."""
     n = len(counts)
     jet_idx = np.repeat(np.arange(n), counts)
     # jet axis = 4-vector sum (accumulated in float64); empty jets get a dummy axis
@@ -75,7 +84,7 @@ def constituent_features(jets: ak.Array) -> ak.Array:
     # pT order inside each jet (JetClass files already are; only re-sort when needed)
     if np.any((np.diff(kept_jet) == 0) & (np.diff(feats[:, 0]) > 0)):
         feats = feats[np.lexsort((-feats[:, 0], kept_jet))]
-    return ak.unflatten(feats, new_counts)
+    return feats, new_counts
 
 
 def to_padded(features: ak.Array, max_len: int = MAX_CONSTITUENTS) -> tuple[np.ndarray, np.ndarray]:
@@ -87,20 +96,24 @@ def to_padded(features: ak.Array, max_len: int = MAX_CONSTITUENTS) -> tuple[np.n
     if max_len <= 0:
         raise OmnijetError(f"max_len must be positive, got {max_len}")
     counts = ak.to_numpy(ak.num(features, axis=1))
-    flat = ak.to_numpy(ak.flatten(features, axis=1)).reshape(-1, 3)
-    n = len(counts)
-    clipped = int((counts > max_len).sum())
-    if clipped:
-        log.info("clipped %d jets with more than %d constituents to the %d hardest", clipped, max_len, max_len)
-    starts = (np.cumsum(counts) - counts).astype(np.int64)
-    pos = np.arange(len(flat)) - np.repeat(starts, counts)
-    keep = pos < max_len
-    jet_idx = np.repeat(np.arange(n), counts)[keep]
-    x = np.zeros((n, max_len, 3), np.float32)
-    mask = np.zeros((n, max_len), bool)
-    x[jet_idx, pos[keep]] = flat[keep]
-    mask[jet_idx, pos[keep]] = True
+    x = np.zeros((len(counts), max_len, 3), np.float32)
+    mask = np.zeros((len(counts), max_len), bool)
+    pad_into(x, mask, ak.to_numpy(ak.flatten(features, axis=1)).reshape(-1, 3), counts)
     return x, mask
+
+
+def pad_into(x: np.ndarray, mask: np.ndarray, flat: np.ndarray, counts: np.ndarray) -> None:
+    """Write flat per-jet rows (``counts`` each, pT-ordered) into zeroed ``x (N, L, F)`` and
+    ``mask (N, L)``; jets with more than ``L`` rows keep their first ``L`` (logged)."""
+    max_len = mask.shape[1]
+    clipped = counts > max_len
+    if clipped.any():
+        log.info("clipped %d jets with more than %d constituents to the %d hardest",
+                 int(clipped.sum()), max_len, max_len)
+        pos = np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)
+        flat = flat[pos < max_len]
+    mask[:] = np.arange(max_len) < counts[:, None]  # (N, L): real rows first, in order
+    x[mask] = flat  # row-major order of the mask = jet by jet, constituent by constituent
 
 
 def padded_to_jagged(x: np.ndarray, mask: np.ndarray) -> ak.Array:

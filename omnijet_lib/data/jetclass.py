@@ -61,6 +61,7 @@ JET_BRANCHES = (
 LABEL_BRANCHES = tuple(f"label_{c}" for c in CLASS_LABELS)
 _REQUIRED = ("part_px", "part_py", "part_pz", "part_energy")
 _TREE = "tree"
+BASKET_JETS = 10_000  # jets per basket: readers can take a range without decompressing the file
 
 
 def class_index(name: str | int) -> int:
@@ -188,18 +189,37 @@ def _check_finite(path: Path, name: str, values: np.ndarray, start: int = 0, cou
                            f"(first in entry {start + first})")
 
 
-def _chunk_to_jets(path: Path, arrays: dict, start: int = 0) -> ak.Array:
-    n = len(arrays["part_px"])
-    counts = ak.to_numpy(ak.num(arrays["part_px"], axis=1))
-    parts = {}
-    for b in ("part_px", "part_py", "part_pz", "part_energy"):
-        flat = ak.to_numpy(ak.flatten(arrays[b])).astype(np.float32, copy=False)
-        _check_finite(path, b, flat, start, counts)
-        parts[b] = arrays[b]
-    labels = _labels_from_tree(path, arrays, n)
+def _read_range(path: Path, tree, names, start: int | None = None, stop: int | None = None) -> dict:
+    """Branches ``names`` of tree entries ``[start, stop)`` as awkward arrays; a failing read
+    names the file. ``array_cache=None``: uproot would otherwise keep up to 100 MB of decoded
+    arrays per open file."""
+    try:
+        arrays = tree.arrays(list(names), entry_start=start, entry_stop=stop, library="ak", array_cache=None)
+    except Exception as err:
+        raise OmnijetError(f"{path}: cannot read entries {start}..{stop}, truncated or corrupt "
+                           f"({_oneline(err)})") from None
+    return {k: arrays[k] for k in arrays.fields}
+
+
+def _flat_constituents(path: Path, arrays: dict, names=_REQUIRED, start: int = 0) -> tuple[np.ndarray, dict]:
+    """``(counts (N,), {branch: flat float32 values})`` of the jagged branches ``names``, checked:
+    no jet without constituents, no NaN/inf (errors name the file and the first bad entry)."""
+    counts = ak.to_numpy(ak.num(arrays[names[0]], axis=1))
+    flat = {}
+    for b in names:
+        flat[b] = ak.to_numpy(ak.flatten(arrays[b])).astype(np.float32, copy=False)
+        _check_finite(path, b, flat[b], start, counts)
     if (counts == 0).any():  # JetClass jets always have constituents; an empty one is a broken file
         raise OmnijetError(f"{path}: {int((counts == 0).sum())} jets have no constituents "
                            f"(first: entry {start + int(np.argmax(counts == 0))})")
+    return counts, flat
+
+
+def _chunk_to_jets(path: Path, arrays: dict, start: int = 0) -> ak.Array:
+    n = len(arrays["part_px"])
+    _flat_constituents(path, arrays, _REQUIRED, start)
+    parts = {b: arrays[b] for b in _REQUIRED}
+    labels = _labels_from_tree(path, arrays, n)
     part = vector.zip({
         "px": parts["part_px"], "py": parts["part_py"], "pz": parts["part_pz"],
         "E": parts["part_energy"],
@@ -291,6 +311,7 @@ def write_jetclass(path: str | os.PathLike, jets: ak.Array) -> Path:
             # mktree + extend writes a TTree like the official files (plain assignment would
             # give an RNTuple in recent uproot); read_jetclass accepts both.
             tree = f.mktree(_TREE, {k: (v.type.content if k == "part" else v.dtype) for k, v in branches.items()})
-            tree.extend(branches)
+            for start in range(0, max(n, 1), BASKET_JETS):  # one basket per branch and block
+                tree.extend({k: v[start:start + BASKET_JETS] for k, v in branches.items()})
     log.info("wrote %d jets to %s", n, path)
     return path

@@ -46,16 +46,10 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def _read_chunk(path: Path, tree, start: int, stop: int):
     """Jets of tree entries ``[start, stop)`` with the checks of :func:`read_jetclass`."""
-    from ..data.jetclass import JET_BRANCHES, LABEL_BRANCHES, _REQUIRED, _chunk_to_jets, _oneline
+    from ..data.jetclass import JET_BRANCHES, LABEL_BRANCHES, _REQUIRED, _chunk_to_jets, _read_range
 
     names = [b for b in (*_REQUIRED, *JET_BRANCHES, *LABEL_BRANCHES) if b in tree.keys()]
-    try:
-        # array_cache=None: uproot would otherwise keep up to 100 MB of decoded arrays per open file
-        arrays = tree.arrays(names, entry_start=start, entry_stop=stop, library="ak", array_cache=None)
-    except Exception as err:
-        raise OmnijetError(f"{path}: cannot read entries {start}..{stop}, truncated or corrupt "
-                           f"({_oneline(err)})") from None
-    return _chunk_to_jets(path, {k: arrays[k] for k in arrays.fields}, start)
+    return _chunk_to_jets(path, _read_range(path, tree, names, start, stop), start)
 
 
 def _tokenize_chunk(tok, jets, max_len: int, batch_size: int):
