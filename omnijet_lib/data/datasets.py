@@ -71,8 +71,10 @@ def load_padded(files, classes=None, max_jets: int | None = None, max_len: int =
     budget = max_jets if wanted is None else None
     trees = [(path, _open_tree(path)) for path in _expand(files)]
     total = sum(int(tree.num_entries) for _, tree in trees)
+    if budget is not None:
+        total = min(total, budget)
     if workers > 1:  # at least ~4 chunks per thread, so that small inputs are shared too
-        chunk = min(chunk, max(1, -(-min(total, budget or total) // (4 * workers))))
+        chunk = min(chunk, max(1, -(-total // (4 * workers))))
     tasks, rows = [], 0  # (path, first entry, last entry + 1, first output row)
     for path, tree in trees:
         for start, stop in _entry_ranges(tree, chunk):

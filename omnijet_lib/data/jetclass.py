@@ -217,12 +217,11 @@ def _flat_constituents(path: Path, arrays: dict, names=_REQUIRED, start: int = 0
 
 def _chunk_to_jets(path: Path, arrays: dict, start: int = 0) -> ak.Array:
     n = len(arrays["part_px"])
-    _flat_constituents(path, arrays, _REQUIRED, start)
-    parts = {b: arrays[b] for b in _REQUIRED}
+    _flat_constituents(path, arrays, _REQUIRED, start)  # the checks; the jagged arrays are kept
     labels = _labels_from_tree(path, arrays, n)
     part = vector.zip({
-        "px": parts["part_px"], "py": parts["part_py"], "pz": parts["part_pz"],
-        "E": parts["part_energy"],
+        "px": arrays["part_px"], "py": arrays["part_py"], "pz": arrays["part_pz"],
+        "E": arrays["part_energy"],
     })
     fields = {"part": part}
     for b in JET_BRANCHES:
