@@ -136,6 +136,35 @@ def test_dead_code_replacement():
     assert (d < 0.05).all()                              # a batch latent + 0.01·‖z‖ noise
 
 
+def test_replace_freq_zero_disables_replacement():
+    """vqtorch's convention: replace_freq=0 means no dead-code replacement, ever."""
+    vq = make_vq(dim=2, num_codes=8, replace_freq=0).train()
+    original = vq.codebook.weight.detach().clone()
+    z = 0.05 * torch.randn(4, 6, 2)  # all near one code: 7 codes unused on every batch
+    for _ in range(30):
+        vq(z)
+    assert torch.equal(vq.codebook.weight, original)
+    with pytest.raises(ValueError, match="replace_freq"):
+        make_vq(replace_freq=-1)
+
+
+def test_padding_in_statistics_when_unmasked():
+    """mask=None (the official behaviour): padding latents at 0 are quantized, counted as use
+    and enter the loss, which is then a mean over every slot."""
+    vq = make_vq(dim=2, num_codes=4, replace_freq=2).train()
+    with torch.no_grad():
+        vq.codebook.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0], [9.0, 9.0]]))
+    z = torch.zeros(1, 4, 2)
+    z[0, :2] = torch.tensor([1.1, 0.9])
+    mask = torch.tensor([[True, True, False, False]])
+    out_all, out_real = vq(z), make_vq(dim=2, num_codes=4, replace_freq=2)(z, mask)
+    assert out_all.indices.tolist() == [[1, 1, 0, 0]]
+    assert vq.code_counter.tolist() == [2, 2, 1, 1]          # code 0 used by the padding
+    per_slot = ((z - vq.effective_codebook()[out_all.indices]) ** 2).mean()
+    assert out_all.loss.item() == pytest.approx(per_slot.item(), rel=1e-5)
+    assert out_real.indices.tolist()[0][2:] == [-1, -1]
+
+
 def test_dead_code_counter_resets_on_use():
     vq = make_vq(dim=2, num_codes=4, replace_freq=2)
     with torch.no_grad():

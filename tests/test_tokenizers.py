@@ -105,8 +105,26 @@ def test_from_sequence_validation():
         tok.to_sequence(np.array([[K, 1]]), np.array([[True, True]]))
 
 
+def randomise_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter random (the identity-start zeros too), so that every path is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_blocks_start_as_identity():
+    """Official initialisation: a fresh NormFormer block returns its input unchanged."""
+    from omnijet_lib.models.normformer import NormFormerBlock
+    blk = NormFormerBlock(16, 2, 16).eval()
+    x, mask = torch.randn(3, 5, 16), torch.ones(3, 5, dtype=torch.bool)
+    assert torch.allclose(blk(x, mask), x)
+    assert not torch.allclose(randomise_(blk)(x, mask), x)
+
+
 def test_conditional_padding_never_matters():
-    tok = make("conditional")
+    tok = randomise_(make("conditional"))
     x, mask = toy_jets(8)
     xt, mt = torch.from_numpy(x), torch.from_numpy(mask)
     x2 = xt.clone()
@@ -236,7 +254,7 @@ def test_tiny_training_lowers_loss_and_resumes(tmp_path, monkeypatch):
     assert len(hist) == 4 and hist[-1]["val_loss"] < hist[0]["val_loss"]
     assert 0 < hist[-1]["val_usage"] <= 1 and hist[-1]["val_perplexity"] > 1
     trained = recon_mse(tok)
-    assert trained < 0.7 * base, (trained, base)
+    assert trained < 0.85 * base, (trained, base)  # the untrained blocks are the identity: a fair start
     assert (tmp_path / "tokenizer.safetensors").is_file() and (tmp_path / "last.ckpt").is_file()
     back = load_tokenizer(tmp_path / "tokenizer.safetensors")
     assert np.array_equal(tokenize(back, x, mask), tokenize(tok.cpu(), x, mask))

@@ -54,32 +54,47 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
+    """Causal multi-head attention with three bias-free projections (query, key, value) and a
+    biased output projection, as the official model (one GEMM: the three weights are stacked)."""
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         assert cfg.n_embd % cfg.n_head == 0
         self.n_head = cfg.n_head
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.query = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.key = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.value = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.dropout = cfg.dropout
+
+    def qkv_weight(self) -> torch.Tensor:  # (3C, C): rows [q; k; v]
+        return torch.cat([self.query.weight, self.key.weight, self.value.weight])
 
     def _heads(self, x):  # (B, T, 3C) -> 3 x (B, H, T, hd)
         B, T, C3 = x.shape
         return x.view(B, T, 3, self.n_head, C3 // (3 * self.n_head)).permute(2, 0, 3, 1, 4)
 
-    def forward(self, x):  # (B, T, C)
+    def forward(self, x, key_mask=None):  # (B, T, C)
+        """``key_mask`` (B, T) bool: real positions. Not needed for real positions (padding
+        follows the stop token, so causality hides it); it only changes what padded queries see,
+        which matters when the loss also runs over padding (the official procedure)."""
         B, T, C = x.shape
-        q, k, v = self._heads(self.qkv(x))
-        # padding sits after the stop token, so the causal mask alone keeps real positions
-        # from ever seeing it; no key-padding mask is needed
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        q, k, v = self._heads(F.linear(x, self.qkv_weight()))
+        drop = self.dropout if self.training else 0.0
+        if key_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        else:
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            allowed = causal[None, None] & key_mask[:, None, None, :]  # (B, 1, T, T)
+            allowed[..., 0] = True  # position 0 (start) is always real: no empty softmax rows
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=drop)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
-    def step(self, x, k_cache, v_cache, t: int):
+    def step(self, x, k_cache, v_cache, t: int, w_qkv=None):
         """One new token per row at position ``t``. x (n, C); caches (n, H, T_max, hd), filled
-        up to ``t - 1``; this writes position ``t``."""
+        up to ``t - 1``; this writes position ``t``. ``w_qkv``: :meth:`qkv_weight`, precomputed."""
         n, C = x.shape
-        q, k, v = self._heads(self.qkv(x)[:, None])  # (n, H, 1, hd)
+        q, k, v = self._heads(F.linear(x, self.qkv_weight() if w_qkv is None else w_qkv)[:, None])  # (n, H, 1, hd)
         k_cache[:, :, t] = k[:, :, 0]
         v_cache[:, :, t] = v[:, :, 0]
         # attend over the cached prefix 0..t (all in the past: no mask needed)
@@ -99,12 +114,12 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x):  # (B, T, C)
-        x = self.ln1(x + self.drop(self.attn(x)))
+    def forward(self, x, key_mask=None):  # (B, T, C)
+        x = self.ln1(x + self.drop(self.attn(x, key_mask)))
         return self.ln2(x + self.drop(self.mlp(x)))
 
-    def step(self, x, k_cache, v_cache, t: int):  # x (n, C)
-        x = self.ln1(x + self.attn.step(x, k_cache, v_cache, t))
+    def step(self, x, k_cache, v_cache, t: int, w_qkv=None):  # x (n, C)
+        x = self.ln1(x + self.attn.step(x, k_cache, v_cache, t, w_qkv))
         return self.ln2(x + self.mlp(x))
 
 
@@ -118,16 +133,19 @@ class GPT(nn.Module):
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size)
 
     # ------------------------------------------------------------------ training / encoding
-    def backbone(self, seq, mask=None):
+    def backbone(self, seq, mask=None, zero_padding: bool = True):
         """Hidden states (B, T, n_embd) of token ids ``seq`` (B, T). ``mask`` (B, T) marks real
-        tokens (a right-padded prefix); padded ids are replaced by the start id so that any
-        padding value is accepted, and padded outputs are zeroed."""
+        tokens (a right-padded prefix); padded ids are replaced by the start id (the official
+        padding value) so that any padding value is accepted, and padded outputs are zeroed.
+        ``zero_padding=False`` keeps the padded outputs as the official model computes them
+        (padded queries attend to the real tokens only)."""
         if mask is not None:
             seq = seq.masked_fill(~mask, START)
+        key_mask = None if zero_padding else mask
         x = self.drop(self.embed(seq))  # (B, T, C)
         for block in self.blocks:
-            x = block(x)
-        if mask is not None:
+            x = block(x, key_mask)
+        if mask is not None and zero_padding:
             x = x * mask[..., None]
         return x
 
@@ -136,12 +154,19 @@ class GPT(nn.Module):
         evaluates the head (V x n_embd, the dominant cost) only where targets are real."""
         return self.head(self.backbone(seq, mask))
 
-    def loss(self, seq, mask):
+    def loss(self, seq, mask, over_padding: bool = False):
         """Mean next-token cross-entropy over the real targets (tokens after start, up to and
         including stop); the head runs on those positions only, fused with the loss
-        (:func:`head_cross_entropy`: the (M, V) logits never exist at once)."""
+        (:func:`head_cross_entropy`: the (M, V) logits never exist at once).
+
+        ``over_padding=True`` is the official procedure: every position of ``seq`` counts, a
+        padded position's target being the start id 0."""
         inp, tgt = seq[:, :-1], seq[:, 1:]
         valid = mask[:, 1:]  # (B, T-1): the target is a real token
+        if over_padding:
+            h = self.backbone(inp, mask[:, :-1], zero_padding=False).flatten(0, 1)  # (B(T-1), C)
+            tgt = tgt.masked_fill(~valid, START).flatten()
+            return head_cross_entropy(h, self.head.weight, self.head.bias, tgt)
         h = self.backbone(inp, mask[:, :-1])[valid]  # (M, C)
         return head_cross_entropy(h, self.head.weight, self.head.bias, tgt[valid])
 
@@ -198,14 +223,15 @@ class GPT(nn.Module):
         # the head without the start-token row, transposed once: (C, V-1) contiguous is up to 2x
         # faster than a transposed view for the small active batches of the tail
         w_t, b = self.head.weight[1:].t().contiguous(), self.head.bias[1:]
+        w_qkv = [block.attn.qkv_weight() for block in self.blocks]  # stacked once, not per step
         tokens = torch.zeros(B, S + 2, dtype=torch.long, device=dev)  # output, start at 0
         rows = torch.arange(B, device=dev)  # active slot -> output row; slots 0..n-1 are active
         cur = torch.full((B,), START, dtype=torch.long, device=dev)  # last token of each active slot
         n = B
         for t in range(S):
             x = self.embed(cur[:n])  # (n, C)
-            for block, (kc, vc) in zip(self.blocks, caches):
-                x = block.step(x, kc[:n], vc[:n], t)
+            for block, (kc, vc), w in zip(self.blocks, caches, w_qkv):
+                x = block.step(x, kc[:n], vc[:n], t, w)
             logits = probs[:n]  # (n, V-1): ids 1..V-1
             # on CPUs the head GEMM is ~1.4x faster in column blocks whose output stays in cache
             step = HEAD_BLOCK if dev.type == "cpu" and n >= 64 else V - 1

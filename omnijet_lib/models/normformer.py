@@ -2,10 +2,13 @@
 
 Shared by the conditional VQ-VAE (tokenizers/vqvae.py) and the Transformer jet classifier at
 the end of this file (OmniJet-α fig 5).
-A NormFormer block is a pre-LayerNorm Transformer block with two extra LayerNorms: one on the
-attention output before the residual sum, one after the feed-forward activation. Padding is
-handled by a key mask: real constituents never attend to padded ones, so what sits in the
-padded slots cannot change the outputs at real positions.
+The block is the official OmniJet-α one (gabbro's ``NormformerBlock``), parameter for parameter:
+``x + LN(MHA(LN(x)))`` (the LayerNorm on the attention output is NormFormer's extra norm), then
+``x + Linear(Dropout(SiLU(Linear(LN(x)))))``; dropout only on the attention weights and inside
+the MLP. It starts as the identity: the input norm's weight and the last MLP layer are zero, the
+attention biases are zero (``nn.MultiheadAttention``'s initialisation). Padding is handled by a
+key mask: real constituents never attend to padded ones, so what sits in the padded slots cannot
+change the outputs at real positions.
 """
 
 from __future__ import annotations
@@ -32,20 +35,21 @@ def attention_key_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 class FeedForward(nn.Module):
-    """NormFormer feed-forward sub-block: LN -> Linear -> act -> LN -> dropout -> Linear (+ residual)."""
+    """Feed-forward sub-block with residual: x + fc2(drop(act(fc1(LN(x))))); fc2 starts at zero,
+    so the sub-block starts as the identity."""
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.1, activation: type[nn.Module] = nn.SiLU):
         super().__init__()
         self.ln_in = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, hidden)
         self.act = activation()
-        self.ln_mid = nn.LayerNorm(hidden)
         self.drop = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
-        h = self.act(self.fc1(self.ln_in(x)))
-        return x + self.fc2(self.drop(self.ln_mid(h)))
+        return x + self.fc2(self.drop(self.act(self.fc1(self.ln_in(x)))))
 
 
 class MaskedSelfAttention(nn.Module):
@@ -57,8 +61,11 @@ class MaskedSelfAttention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.dropout = dropout
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim)   # rows [q; k; v], as nn.MultiheadAttention's in_proj
         self.proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.qkv.weight)  # nn.MultiheadAttention's initialisation
+        nn.init.zeros_(self.qkv.bias)
+        nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape
@@ -69,7 +76,7 @@ class MaskedSelfAttention(nn.Module):
 
 
 class NormFormerBlock(nn.Module):
-    """x + drop(LN(attn(LN(x)))), then the NormFormer feed-forward with its own residual."""
+    """x + LN(attn(LN(x))), then the feed-forward with its own residual; starts as the identity."""
 
     def __init__(self, dim: int = 128, num_heads: int = 8, mlp_hidden: int = 128, dropout: float = 0.1,
                  activation: type[nn.Module] = nn.SiLU, attn_dropout: float | None = None):
@@ -79,15 +86,15 @@ class NormFormerBlock(nn.Module):
         self.ln_attn_in = nn.LayerNorm(dim)
         self.attn = MaskedSelfAttention(dim, num_heads, dropout if attn_dropout is None else attn_dropout)
         self.ln_attn_out = nn.LayerNorm(dim)
-        self.drop = nn.Dropout(dropout)
         self.ffn = FeedForward(dim, mlp_hidden, dropout, activation)
+        nn.init.zeros_(self.ln_attn_in.weight)  # attention input 0: the attention branch starts at 0
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` (B, L, D), ``mask`` (B, L) bool of real entries; ``key_mask`` from
         :func:`attention_key_mask` may be passed to share it across blocks."""
         if key_mask is None:
             key_mask = attention_key_mask(mask)
-        x = x + self.drop(self.ln_attn_out(self.attn(self.ln_attn_in(x), key_mask)))
+        x = x + self.ln_attn_out(self.attn(self.ln_attn_in(x), key_mask))
         return self.ffn(x)
 
 

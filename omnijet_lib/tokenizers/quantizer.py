@@ -12,9 +12,12 @@ description in the OmniJet-α facts file:
 * dead-code replacement: each code's counter starts at ``replace_freq``, loses 1 per training
   batch and is reset when the code is used; at 0 the raw code is overwritten with a random
   real latent of the batch plus 0.01·‖z‖·noise (training mode only, after the forward);
+  ``replace_freq=0`` disables it, as in vqtorch;
 * k-means initialisation of the codebook from the first training batch.
 
-Only entries with ``mask`` True are searched and enter the loss and the usage statistics.
+Only entries with ``mask`` True are searched and enter the loss and the usage statistics
+(``mask=None``: every entry, which is what the official model does with its padding).
+``half_precision_search`` searches the nearest code in fp16 on CUDA, as vqtorch does there.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ class QuantizerOutput:
 
 
 @torch.no_grad()
-def nearest_code(z: torch.Tensor, codes: torch.Tensor, chunk_elements: int | str | None = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+def nearest_code(z: torch.Tensor, codes: torch.Tensor, chunk_elements: int | str | None = DEFAULT_CHUNK_ELEMENTS,
+                 half: bool = False) -> torch.Tensor:
     """Index of the nearest row of ``codes`` (K, D) for every row of ``z`` (N, D) -> (N,) long.
 
     argmin_k ‖z - c_k‖² = argmin_k (‖c_k‖² - 2 c_k·z). Rows of ``z`` are processed in chunks of
@@ -48,8 +52,11 @@ def nearest_code(z: torch.Tensor, codes: torch.Tensor, chunk_elements: int | str
     see :data:`CHUNK_ELEMENTS`); ``None`` searches all rows at once (the memory-hungry reference).
     The argmin is two-level (min per group of 64 codes, best group, then inside it), which
     returns the same first-minimum index as a plain argmin but runs ~3x faster on CPU, where a
-    plain argmin over 8192 columns costs more than the distances themselves.
+    plain argmin over 8192 columns costs more than the distances themselves. ``half``: distances
+    in fp16 (on CUDA only; vqtorch's choice there).
     """
+    if half and z.is_cuda:
+        z, codes = z.half(), codes.half()
     n, k = len(z), len(codes)
     group = min(64, max(k, 1))
     n_groups = -(-k // group)
@@ -106,13 +113,17 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, dim: int = 4, num_codes: int = 8192, beta: float = 0.9, sync_nu: float = 1.0,
                  affine_lr: float = 2.0, replace_freq: int = 10, kmeans_init: bool = True,
-                 chunk_elements: int | str | None = DEFAULT_CHUNK_ELEMENTS, kmeans_iters: int = 10):
+                 chunk_elements: int | str | None = DEFAULT_CHUNK_ELEMENTS, kmeans_iters: int = 10,
+                 half_precision_search: bool = False):
         super().__init__()
+        if replace_freq < 0:
+            raise ValueError(f"replace_freq must be >= 0 (0: no replacement), got {replace_freq}")
         self.dim, self.num_codes = dim, num_codes
         self.beta, self.sync_nu, self.affine_lr = beta, sync_nu, affine_lr
         self.replace_freq = replace_freq
         self.chunk_elements = chunk_elements
         self.kmeans_iters = kmeans_iters
+        self.half_precision_search = half_precision_search
         self.codebook = nn.Embedding(num_codes, dim)                 # raw codebook C
         self.affine_scale = nn.Parameter(torch.zeros(dim))           # s
         self.affine_bias = nn.Parameter(torch.zeros(dim))            # b
@@ -134,7 +145,7 @@ class VectorQuantizer(nn.Module):
             if self.training and not bool(self.initialised):
                 self._kmeans_init(zr.detach())
             codes = self.effective_codebook()                           # (K, D)
-            idx = nearest_code(zr.detach(), codes.detach(), self.chunk_elements)  # (N,)
+            idx = nearest_code(zr.detach(), codes.detach(), self.chunk_elements, self.half_precision_search)  # (N,)
             zq = codes[idx]                                             # (N, D), carries codebook grad
             if len(zr):
                 loss = (1 - self.beta) * (zr - zq.detach()).pow(2).mean() \
@@ -149,7 +160,7 @@ class VectorQuantizer(nn.Module):
                 idx_all = full_idx.index_copy(0, real, idx)
             else:
                 idx_all = idx
-            if self.training:
+            if self.training and self.replace_freq > 0:
                 self._replace_dead_codes(zr.detach(), idx)
         return QuantizerOutput(out.to(dtype).reshape(shape), idx_all.reshape(shape[:-1]), loss)
 
