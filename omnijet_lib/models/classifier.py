@@ -5,7 +5,8 @@ ReLU(Linear 256 -> 256), a sum over the real tokens (start ... stop) and Linear(
 backbone (embedding + causal transformer blocks, :class:`~omnijet_lib.models.gpt.GPT`) is kept
 as it is, so pre-trained weights load unchanged (:meth:`GPTClassifier.from_pretrained`).
 Inputs are the tokenizer's sequences ``(seq, mask)`` (start 0, code + 1, stop K + 1).
-The last layer is zero-initialised (see :class:`GPTClassifier`); the architecture is the paper's.
+The last layer is zero-initialised by default (see :class:`GPTClassifier`; ``head_init="default"``
+is the official PyTorch initialisation); the architecture is the paper's.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class GPTClassifier(nn.Module):
     """GPT backbone + classification head: ``forward(seq, mask) -> logits (B, n_classes)``."""
 
     def __init__(self, backbone_config: GPTConfig | None = None, n_classes: int = 2,
-                 head_config: ClassifierHeadConfig | None = None):
+                 head_config: ClassifierHeadConfig | None = None, head_init: str = "zero"):
         super().__init__()
         self.backbone_config = bcfg = backbone_config or GPTConfig()
         # paper: hidden = width = 256; a smaller backbone gets a head of its own width
@@ -59,8 +60,11 @@ class GPTClassifier(nn.Module):
         # Training starts from p = 1/n_classes: with default init, the sum over ~50 tokens gives
         # logits of |z| ~ 5 at random, the validation loss is dominated by confident mistakes and
         # early stopping on it picks the first epoch (measured: epoch 1 at 70% val accuracy).
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        if head_init == "zero":
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+        elif head_init != "default":
+            raise OmnijetError(f"head_init must be 'zero' or 'default', got {head_init!r}")
 
     def forward(self, seq, mask):  # seq (B, T) ids, mask (B, T) bool -> (B, n_classes)
         h = self.gpt.backbone(seq, mask)                       # (B, T, C), zeros at padding
@@ -83,7 +87,8 @@ class GPTClassifier(nn.Module):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, gpt_path: str | os.PathLike, tokenizer_vocab: int | None = None,
-                        n_classes: int = 2, backbone_config: GPTConfig | None = None) -> "GPTClassifier":
+                        n_classes: int = 2, backbone_config: GPTConfig | None = None,
+                        head_init: str = "zero") -> "GPTClassifier":
         """A classifier whose backbone is copied from a GPT checkpoint (:func:`train_gpt`); the
         head is freshly initialised.
 
@@ -108,7 +113,7 @@ class GPTClassifier(nn.Module):
         # load_model checks the model class, every tensor shape against the config and that no
         # weight is missing or unexpected
         gpt, _ = load_model(gpt_path, GPT, GPTConfig)
-        model = cls(gpt.config, n_classes=n_classes)
+        model = cls(gpt.config, n_classes=n_classes, head_init=head_init)
         state = {k: v for k, v in gpt.state_dict().items() if not k.startswith("head.")}
         model.gpt.load_state_dict(state, strict=True)
         return model

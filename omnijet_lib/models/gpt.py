@@ -160,11 +160,12 @@ class GPT(nn.Module):
         (:func:`head_cross_entropy`: the (M, V) logits never exist at once).
 
         ``over_padding=True`` is the official procedure: every position of ``seq`` counts, a
-        padded position's target being the start id 0."""
+        padded position's target being the start id 0. As there, the inputs are the sequences
+        without their stop token (padded with 0, masked as padding)."""
         inp, tgt = seq[:, :-1], seq[:, 1:]
         valid = mask[:, 1:]  # (B, T-1): the target is a real token
         if over_padding:
-            h = self.backbone(inp, mask[:, :-1], zero_padding=False).flatten(0, 1)  # (B(T-1), C)
+            h = self.backbone(inp, valid, zero_padding=False).flatten(0, 1)  # (B(T-1), C)
             tgt = tgt.masked_fill(~valid, START).flatten()
             return head_cross_entropy(h, self.head.weight, self.head.bias, tgt)
         h = self.backbone(inp, mask[:, :-1])[valid]  # (M, C)

@@ -14,17 +14,18 @@ import torch.nn.functional as F
 import lightning.pytorch as pl
 
 from .batching import PaddedDataset, make_loader
-from .fit import TrainConfig, fit
+from .fit import TrainConfig, epoch_lr_scheduler, first_epoch_factor, fit
 
 __all__ = ["ClassifierModule", "train_classifier", "predict_proba", "split_indices"]
 
 
 class ClassifierModule(pl.LightningModule):
     def __init__(self, model: torch.nn.Module, lr: float = 1e-3, weight_decay: float = 1e-2,
-                 params=None):
+                 params=None, first_epoch_lr_factor: float = 1.0):
         super().__init__()
         self.model = model
         self.lr, self.weight_decay = lr, weight_decay
+        self.first_epoch_lr_factor = first_epoch_lr_factor
         self._params = params  # optional subset (e.g. head only when the backbone is frozen)
 
     def forward(self, x, mask):
@@ -46,7 +47,8 @@ class ClassifierModule(pl.LightningModule):
 
     def configure_optimizers(self):
         params = self._params if self._params is not None else [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        return epoch_lr_scheduler(opt, first_epoch_factor(self.first_epoch_lr_factor))
 
 
 def split_indices(n: int, fractions=(0.6, 0.2, 0.2), seed: int = 0) -> list[np.ndarray]:
@@ -60,14 +62,16 @@ def train_classifier(model, x, mask, labels, val=None, out_dir=None, epochs: int
                      batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-2,
                      train_config: TrainConfig | None = None, seed: int = 0, params=None):
     """Train ``model`` on padded inputs; ``val = (x, mask, labels)`` enables best-weights restore."""
-    train_loader = make_loader(PaddedDataset(x, mask, label=labels), batch_size, shuffle=True, seed=seed)
+    cfg = dataclasses.replace(train_config or TrainConfig(), seed=seed)
+    bucket = cfg.batching == "bucketed"
+    train_loader = make_loader(PaddedDataset(x, mask, label=labels), batch_size, shuffle=True, seed=seed, bucket=bucket)
     val_loader = None
     if val is not None:
-        val_loader = make_loader(PaddedDataset(val[0], val[1], label=val[2]), batch_size, shuffle=False)
-    cfg = dataclasses.replace(train_config or TrainConfig(), seed=seed)
+        val_loader = make_loader(PaddedDataset(val[0], val[1], label=val[2]), batch_size, shuffle=False, bucket=bucket)
     if epochs is not None:  # an explicit epochs wins over train_config.max_epochs
         cfg = dataclasses.replace(cfg, max_epochs=epochs)
-    module = ClassifierModule(model, lr=lr, weight_decay=weight_decay, params=params)
+    module = ClassifierModule(model, lr=lr, weight_decay=weight_decay, params=params,
+                              first_epoch_lr_factor=cfg.first_epoch_lr_factor)
     fit(module, train_loader, val_loader, out_dir=out_dir, config=cfg)
     return module.model
 

@@ -24,7 +24,8 @@ from ..io import OmnijetError, atomic_path, load_checkpoint, safe_torch_load, sa
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "default_device", "fit", "save_model", "load_model"]
+__all__ = ["TrainConfig", "OFFICIAL_PROCEDURE", "default_device", "fit", "save_model", "load_model",
+           "epoch_lr_scheduler", "first_epoch_factor"]
 
 
 def default_device() -> str:
@@ -45,15 +46,67 @@ class TrainConfig:
     progress_bar: bool = True
     log_every_n_steps: int = 10
     patience: int | None = None          # early stopping on val_loss when set
+    # --- the training procedure; OFFICIAL_PROCEDURE holds the official OmniJet-α choices
     gradient_clip_val: float | None = None
+    schedule: str = "one_cycle"          # VQ-VAE lr: "one_cycle" per step, or "official" (OneCycleCooldown per epoch)
+    first_epoch_lr_factor: float = 1.0   # GPT and classifiers: lr × this in the first epoch
+    loss_over_padding: bool = False      # losses averaged over every padded slot, not only real entries
+    quantize_padding: bool = False       # VQ-VAE: padding latents in the quantizer's loss, k-means, replacement
+    batching: str = "bucketed"           # "bucketed" (by length, trimmed) or "random" (padded to full length)
+    head_init: str = "zero"              # GPT classifier output layer: "zero" or "default" (PyTorch's)
+
+    def __post_init__(self):
+        if self.schedule not in ("one_cycle", "official"):
+            raise OmnijetError(f"trainer.schedule must be 'one_cycle' or 'official', got {self.schedule!r}")
+        if self.batching not in ("bucketed", "random"):
+            raise OmnijetError(f"trainer.batching must be 'bucketed' or 'random', got {self.batching!r}")
+        if self.head_init not in ("zero", "default"):
+            raise OmnijetError(f"trainer.head_init must be 'zero' or 'default', got {self.head_init!r}")
+        if not 0 < self.first_epoch_lr_factor <= 1:
+            raise OmnijetError(f"trainer.first_epoch_lr_factor must be in (0, 1], got {self.first_epoch_lr_factor}")
 
     @classmethod
     def from_params(cls, params: dict | None = None, **overrides) -> "TrainConfig":
-        """Build from a params-profile dict, ignoring keys that are not training settings."""
+        """Build from a params-profile dict, ignoring keys that are not training settings.
+        ``procedure: official`` starts from :data:`OFFICIAL_PROCEDURE` (explicit keys still win)."""
+        params = dict(params or {})
+        procedure = params.pop("procedure", "default")
+        if procedure not in ("default", "official"):
+            raise OmnijetError(f"trainer.procedure must be 'default' or 'official', got {procedure!r}")
         names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in (params or {}).items() if k in names}
+        kw = dict(OFFICIAL_PROCEDURE) if procedure == "official" else {}
+        kw.update({k: v for k, v in params.items() if k in names})
         kw.update(overrides)
         return cls(**kw)
+
+    @property
+    def procedure(self) -> dict:
+        """The procedure settings (recorded with each run, so a resume cannot mix procedures)."""
+        return {k: getattr(self, k) for k in OFFICIAL_PROCEDURE}
+
+
+# The official OmniJet-α training procedure (gabbro's configs and Lightning modules); our
+# defaults differ where README "Differences from the official implementation" says why.
+OFFICIAL_PROCEDURE = {
+    "gradient_clip_val": 5.0,
+    "schedule": "official",
+    "first_epoch_lr_factor": 1 / 3,   # torch's ConstantLR(total_iters=1), stepped per epoch
+    "loss_over_padding": True,
+    "quantize_padding": True,
+    "batching": "random",
+    "head_init": "default",
+}
+
+
+def epoch_lr_scheduler(optimizer, factor_of_epoch):
+    """A Lightning scheduler entry: lr × ``factor_of_epoch(epoch)``, stepped once per epoch."""
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor_of_epoch)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def first_epoch_factor(factor: float):
+    """lr × ``factor`` in epoch 0, then × 1: the official ConstantLR(total_iters=1)."""
+    return lambda epoch: factor if epoch < 1 else 1.0
 
 
 def fit(module, train_loader, val_loader=None, out_dir: str | os.PathLike | None = None,

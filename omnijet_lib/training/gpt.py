@@ -20,29 +20,33 @@ import torch
 from ..io import OmnijetError
 from ..models.gpt import GPT, GPTConfig
 from .batching import PaddedDataset, make_loader
-from .fit import TrainConfig, fit, load_model, save_model
+from .fit import TrainConfig, epoch_lr_scheduler, first_epoch_factor, fit, load_model, save_model
 
 __all__ = ["GPTModule", "train_gpt", "load_gpt", "check_sequences"]
 
 class GPTModule(pl.LightningModule):
-    """Lightning wrapper: mean next-token cross-entropy, AdamW."""
+    """Lightning wrapper: mean next-token cross-entropy, AdamW (lr × ``first_epoch_lr_factor``
+    in the first epoch; ``loss_over_padding``: the official loss over every position)."""
 
-    def __init__(self, config: GPTConfig, lr: float = 1e-3, weight_decay: float = 1e-2):
+    def __init__(self, config: GPTConfig, lr: float = 1e-3, weight_decay: float = 1e-2,
+                 loss_over_padding: bool = False, first_epoch_lr_factor: float = 1.0):
         super().__init__()
         self.model = GPT(config)
         self.lr, self.weight_decay = lr, weight_decay
+        self.loss_over_padding, self.first_epoch_lr_factor = loss_over_padding, first_epoch_lr_factor
 
     def training_step(self, batch, batch_idx):
-        loss = self.model.loss(batch["x"], batch["mask"])
+        loss = self.model.loss(batch["x"], batch["mask"], over_padding=self.loss_over_padding)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["x"]))
         return loss
 
     def validation_step(self, batch, batch_idx):
-        loss = self.model.loss(batch["x"], batch["mask"])
+        loss = self.model.loss(batch["x"], batch["mask"], over_padding=self.loss_over_padding)
         self.log("val_loss", loss, prog_bar=True, batch_size=len(batch["x"]), sync_dist=True)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return epoch_lr_scheduler(opt, first_epoch_factor(self.first_epoch_lr_factor))
 
 
 def check_sequences(seq, mask, vocab_size: int, max_len: int, name: str = "seq"):
@@ -97,11 +101,14 @@ def train_gpt(seq, seq_mask, out_dir: str | os.PathLike, config: GPTConfig | Non
     if val_fraction > 0:
         n_val = max(n_val, 1)
     val, train = order[:n_val], order[n_val:]
-    train_loader = make_loader(PaddedDataset(seq[train], seq_mask[train]), batch_size, shuffle=True, seed=seed)
-    val_loader = (make_loader(PaddedDataset(seq[val], seq_mask[val]), batch_size, shuffle=False)
+    bucket = cfg.batching == "bucketed"
+    train_loader = make_loader(PaddedDataset(seq[train], seq_mask[train]), batch_size, shuffle=True, seed=seed,
+                               bucket=bucket)
+    val_loader = (make_loader(PaddedDataset(seq[val], seq_mask[val]), batch_size, shuffle=False, bucket=bucket)
                   if n_val else None)
 
-    module = GPTModule(config, lr=lr)
+    module = GPTModule(config, lr=lr, loss_over_padding=cfg.loss_over_padding,
+                       first_epoch_lr_factor=cfg.first_epoch_lr_factor)
     module = fit(module, train_loader, val_loader, out_dir=out_dir, config=cfg)
     model = module.model.cpu().eval()
     save_model(Path(out_dir) / "gpt.safetensors", model)

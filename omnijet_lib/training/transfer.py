@@ -132,7 +132,8 @@ def available_sizes(y, pool, sizes) -> tuple[list[int], list[int]]:
 
 
 # ---------------------------------------------------------------------------- one run
-def make_transfer_model(strategy: str, backbone_path, tokenizer_vocab: int | None = None, seed: int = 0):
+def make_transfer_model(strategy: str, backbone_path, tokenizer_vocab: int | None = None, seed: int = 0,
+                        head_init: str = "zero"):
     """``(model, trainable parameters)`` for a strategy. The from-scratch model has the
     architecture of the pre-trained backbone but random weights."""
     if strategy not in STRATEGIES:
@@ -143,9 +144,9 @@ def make_transfer_model(strategy: str, backbone_path, tokenizer_vocab: int | Non
         if tokenizer_vocab is not None and cfg.vocab_size != tokenizer_vocab:
             raise OmnijetError(f"{backbone_path}: backbone vocabulary is {cfg.vocab_size} but the tokenizer "
                                f"gives {tokenizer_vocab}")
-        model = GPTClassifier(cfg)
+        model = GPTClassifier(cfg, head_init=head_init)
         return model, list(model.parameters())
-    model = GPTClassifier.from_pretrained(backbone_path, tokenizer_vocab=tokenizer_vocab)
+    model = GPTClassifier.from_pretrained(backbone_path, tokenizer_vocab=tokenizer_vocab, head_init=head_init)
     params = model.freeze_backbone() if strategy == "frozen" else list(model.parameters())
     return model, params
 
@@ -158,10 +159,10 @@ def train_transfer(strategy: str, seq, mask, y, val, backbone_path, tokenizer_vo
     ``y``; ``val = (seq, mask, y)`` drives early stopping (``patience`` epochs, default
     :func:`paper_patience`) and the best-epoch restore. Returns the model with the best weights.
     ``out_dir`` keeps the checkpoints (resumable); ``None`` uses a temporary folder."""
-    model, params = make_transfer_model(strategy, backbone_path, tokenizer_vocab, seed)
     patience = paper_patience(len(seq)) if patience is None else patience
     cfg = TrainConfig.from_params(trainer, max_epochs=max_epochs, seed=seed, patience=patience,
                                   progress_bar=False)
+    model, params = make_transfer_model(strategy, backbone_path, tokenizer_vocab, seed, head_init=cfg.head_init)
     with tempfile.TemporaryDirectory(prefix="omnijet_transfer_") as tmp, _quiet_lightning():
         model = train_classifier(model, seq, mask, y, val=val, out_dir=out_dir or tmp, batch_size=batch_size,
                                  lr=lr, weight_decay=weight_decay, train_config=cfg, epochs=None, seed=seed, params=params)

@@ -3,7 +3,10 @@
 loss = MSE(reconstruction, real entries only) + 10 × quantizer loss; AdamW (lr 1e-3, weight
 decay 1e-2) with a one-cycle learning-rate schedule over the trainer's estimated steps.
 Batches come from :func:`make_loader` (length-bucketed, trimmed to the longest jet), so
-attention, quantizer and loss never touch padding beyond that. The codebook is k-means
+attention, quantizer and loss never touch padding beyond that. The official procedure
+(``TrainConfig.from_params({"procedure": "official"})``) instead takes random batches padded
+to 128, averages both losses over every slot (padding included, its latents quantized too),
+clips gradients at 5 and follows the official per-epoch OneCycleCooldown schedule. The codebook is k-means
 initialised from the first training batch (inside the quantizer). Resumable through
 :func:`fit` (``out_dir/last.ckpt``); the result is saved as ``out_dir/tokenizer.safetensors``.
 """
@@ -26,11 +29,11 @@ from ..tokenizers.base import TOKENIZER_KINDS, save_tokenizer
 from ..tokenizers.binned import BinnedConfig, BinnedTokenizer
 from ..tokenizers.vqvae import VQVAE, VQVAEConfig
 from .batching import PaddedDataset, make_loader
-from .fit import TrainConfig, default_device, fit
+from .fit import TrainConfig, default_device, epoch_lr_scheduler, fit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VQVAEModule", "codebook_stats", "one_cycle", "train_tokenizer", "make_tokenizer"]
+__all__ = ["VQVAEModule", "codebook_stats", "one_cycle", "one_cycle_cooldown", "train_tokenizer", "make_tokenizer"]
 
 
 def codebook_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,13 +66,35 @@ def one_cycle(total_steps: int, pct_start: float = 0.3, div_factor: float = 25.0
     return factor
 
 
+def one_cycle_cooldown(warmup: int = 4, cooldown: int = 20, cooldown_final: int = 50, initial_lr: float = 5e-4,
+                       max_lr: float = 1e-3, final_lr: float = 3e-4):
+    """The official VQ-VAE schedule, per epoch: lr rises linearly from ``initial_lr`` to
+    ``max_lr`` over ``warmup`` epochs, falls back to ``initial_lr`` over ``cooldown``, then to
+    ``final_lr`` over ``cooldown_final`` and stays there. Returns lr(epoch) / ``max_lr``."""
+    def factor(epoch: int) -> float:
+        e = epoch
+        if e <= warmup:
+            lr = initial_lr + (max_lr - initial_lr) * e / warmup
+        elif e <= warmup + cooldown:
+            lr = max_lr - (max_lr - initial_lr) * (e - warmup) / cooldown
+        elif e <= warmup + cooldown + cooldown_final:
+            lr = initial_lr - (initial_lr - final_lr) * (e - warmup - cooldown) / cooldown_final
+        else:
+            lr = final_lr
+        return lr / max_lr
+
+    return factor
+
+
 class VQVAEModule(pl.LightningModule):
     """Lightning wrapper: the loss, the optimiser and codebook usage / perplexity logging."""
 
-    def __init__(self, model: VQVAE, lr: float = 1e-3, weight_decay: float = 1e-2, vq_weight: float = 10.0):
+    def __init__(self, model: VQVAE, lr: float = 1e-3, weight_decay: float = 1e-2, vq_weight: float = 10.0,
+                 loss_over_padding: bool = False, schedule: str = "one_cycle"):
         super().__init__()
         self.model = model
         self.lr, self.weight_decay, self.vq_weight = lr, weight_decay, vq_weight
+        self.loss_over_padding, self.schedule = loss_over_padding, schedule
         self.history: list[dict] = []
         self._val_counts = None
 
@@ -78,7 +103,10 @@ class VQVAEModule(pl.LightningModule):
         x, mask = batch["x"], batch["mask"]
         x_rec, q = self.model(x, mask)                   # (B, L, 3)
         m = mask[..., None].to(x.dtype)
-        mse = ((x_rec - x) ** 2 * m).sum() / (m.sum() * x.shape[-1]).clamp_min(1)
+        if self.loss_over_padding:  # official: every slot, the target at padding being 0
+            mse = ((x_rec - x * m) ** 2).mean()
+        else:
+            mse = ((x_rec - x) ** 2 * m).sum() / (m.sum() * x.shape[-1]).clamp_min(1)
         return mse + self.vq_weight * q.loss, mse, q
 
     def _counts(self, q, mask) -> torch.Tensor:
@@ -111,6 +139,9 @@ class VQVAEModule(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.schedule == "official":
+            return epoch_lr_scheduler(opt, one_cycle_cooldown(max_lr=self.lr, initial_lr=self.lr / 2,
+                                                              final_lr=0.3 * self.lr))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(self.trainer.estimated_stepping_batches))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -165,7 +196,10 @@ def train_tokenizer(kind: str, x, mask, num_codes: int | None, epochs: int, batc
         raise OmnijetError(f"train_tokenizer: need epochs >= 0, batch_size >= 1, 0 <= val_fraction < 1 "
                            f"(got {epochs}, {batch_size}, {val_fraction})")
     out_dir = Path(out_dir) if out_dir is not None else None
+    cfg = dataclasses.replace(train_config or TrainConfig(), max_epochs=epochs, seed=seed)
     torch.manual_seed(seed)
+    if kind != "binned":
+        model_kw.setdefault("quantize_padding", cfg.quantize_padding)
     tok = make_tokenizer(kind, num_codes, **model_kw)
     if kind == "binned":
         tok.fit(x, mask)
@@ -179,13 +213,14 @@ def train_tokenizer(kind: str, x, mask, num_codes: int | None, epochs: int, batc
     if len(x) - n_val < 1:
         raise OmnijetError(f"train_tokenizer: {len(x)} jets leave no training set")
     tr, va = np.sort(perm[n_val:]), np.sort(perm[:n_val])
-    train_loader = make_loader(PaddedDataset(x[tr], mask[tr]), batch_size, shuffle=True, seed=seed)
-    val_loader = make_loader(PaddedDataset(x[va], mask[va]), batch_size, shuffle=False) if n_val else None
-    cfg = dataclasses.replace(train_config or TrainConfig(), max_epochs=epochs, seed=seed)
+    bucket = cfg.batching == "bucketed"
+    train_loader = make_loader(PaddedDataset(x[tr], mask[tr]), batch_size, shuffle=True, seed=seed, bucket=bucket)
+    val_loader = make_loader(PaddedDataset(x[va], mask[va]), batch_size, shuffle=False, bucket=bucket) if n_val else None
     if out_dir is not None:
         _check_same_run(out_dir, {"kind": kind, **dataclasses.asdict(tok.config), "seed": seed,
-                                  "jets": len(x), "val_fraction": val_fraction, "batch_size": batch_size})
-    module = VQVAEModule(tok)
+                                  "jets": len(x), "val_fraction": val_fraction, "batch_size": batch_size,
+                                  **cfg.procedure})
+    module = VQVAEModule(tok, loss_over_padding=cfg.loss_over_padding, schedule=cfg.schedule)
     history = []
     if out_dir is not None and (out_dir / "last.ckpt").is_file() and (out_dir / "history.json").is_file():
         history = json.loads((out_dir / "history.json").read_text())  # epochs before the resume
