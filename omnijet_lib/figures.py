@@ -226,7 +226,33 @@ def _data(params: dict, key: str = "data_files", classes=None) -> tuple[int, str
             except Exception:
                 missing.append(f"{p} (unreadable)")
     state = f"{len(paths)} files, {n} jets" + (f"; MISSING: {', '.join(missing[:3])}" if missing else "")
+    expected = _expected_jetclass(missing, want)
+    if expected:  # official JetClass names: size the run as it will be once downloaded
+        n += expected[1]
+        state += f" (official JetClass names: {expected[0]} files, {expected[1]} jets once downloaded)"
     return n, f"{key}: {state}"
+
+
+#: file numbers of the official JetClass splits (100k jets per file)
+JETCLASS_SPLITS = {"train_100M": range(0, 100), "test_20M": range(100, 120), "val_5M": range(120, 125)}
+JETCLASS_JETS_PER_FILE = 100_000
+
+
+def _expected_jetclass(patterns, want=None) -> tuple[int, int] | None:
+    """(files, jets) that missing ``patterns`` would match among the official JetClass files."""
+    import fnmatch
+
+    from .data.jetclass import CLASS_FILE_PREFIXES
+
+    names = set()
+    for p in patterns:
+        split = Path(p).parent.name
+        if split not in JETCLASS_SPLITS:
+            continue
+        classes = range(len(CLASS_FILE_PREFIXES)) if want is None else want
+        names |= {f"{split}/{CLASS_FILE_PREFIXES[c]}_{i:03d}.root" for c in classes for i in JETCLASS_SPLITS[split]
+                  if fnmatch.fnmatch(f"{CLASS_FILE_PREFIXES[c]}_{i:03d}.root", Path(p).name)}
+    return (len(names), len(names) * JETCLASS_JETS_PER_FILE) if names else None
 
 
 def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, int]]:
@@ -246,9 +272,14 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
                          p.get("classifier_epochs", 1), p.get("classifier_batch_size", 256)))
     elif stem.startswith("02"):
         # q/g + t->bqq' jets: 2 of the 10 classes, or gpt_per_class of each (simulation only)
-        pair = 2 * p["gpt_per_class"] if p.get("gpt_per_class") and p.get("data_files") is None else 0.2 * n
+        # q/g + t->bqq' jets: those of the data files, or gpt_per_class of each (simulation only)
+        if p.get("data_files") is not None:
+            pair = n
+        else:
+            pair = 2 * p["gpt_per_class"] if p.get("gpt_per_class") else 0.2 * n
         runs.append(("tokenizer (if not reused)", "vqvae", n, p.get("tokenizer_epochs", 1), 512))
-        runs.append(("3 GPT backbones (q/g, t->bqq', both)", "gpt", 2 * pair, p.get("epochs", 1), p.get("batch_size", 256)))
+        for label, share in (("GPT q/g + t->bqq'", 1.0), ("GPT q/g", 0.5), ("GPT t->bqq'", 0.5)):
+            runs.append((label, "gpt", 0.9 * share * pair, p.get("epochs", 1), p.get("batch_size", 256)))
         gen = 3 * p.get("n_generate", 0)
         runs.append((f"generation of {gen} jets", "gpt_generate", gen, 1, None))
         runs.append((f"classifier test x{len(p.get('classifier_seeds', []))} seeds", "deepsets",
@@ -282,7 +313,8 @@ def estimate_cost(stem: str, params: dict) -> dict:
     the profile), for ``--dry-run``: ``{"jets", "steps", "gpu_hours", "lines"}``. Upper bounds for
     a fresh run: models found in ``models_dir`` are reused by the notebooks, early stopping cuts
     fine-tuning short, and models smaller than the paper's (``model_kw``) train faster."""
-    classes = {"03": [params.get("background", "QCD"), params.get("signal", "Tbqq")], "04": ["Tbqq"]}.get(stem[:2])
+    pair = [params.get("background", "QCD"), params.get("signal", "Tbqq")]
+    classes = {"02": pair, "03": pair, "04": ["Tbqq"]}.get(stem[:2])
     n, where = _data(params, classes=classes)
     lines = [where]
     if params.get("finetune_files") is not None:
@@ -290,6 +322,7 @@ def estimate_cost(stem: str, params: dict) -> dict:
     if n:
         lines.append(f"memory: {n * _PADDED_BYTES_PER_JET / 1e9:.2g} GB of padded features held by the notebook")
     trainer = params.get("trainer") or {}
+    limit = trainer.get("limit_train_batches")  # the official step counts cap each epoch
     gpus = 1
     for k in ("devices", "num_nodes"):
         gpus *= trainer.get(k) if isinstance(trainer.get(k), int) else 1
@@ -301,7 +334,11 @@ def estimate_cost(stem: str, params: dict) -> dict:
         if batch is None:  # sampling
             lines.append(f"{label}: {h:.3g} GPU-h")
             continue
-        s = math.ceil(jets / max(batch, 1)) * epochs
+        per_epoch = math.ceil(jets / max(batch, 1))
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            per_epoch = min(per_epoch, limit)
+            h = per_epoch * batch * epochs / GPU_JETS_PER_S[model] / 3600
+        s = per_epoch * epochs
         steps += s
         lines.append(f"{label}: {jets:.0f} jets x {epochs} epochs, batch {batch}: {s} steps, {h:.3g} GPU-h")
     if runs:

@@ -46,6 +46,7 @@ class TrainConfig:
     progress_bar: bool = True
     log_every_n_steps: int = 10
     patience: int | None = None          # early stopping on val_loss when set
+    limit_train_batches: int | float = 1.0  # optimiser steps per epoch (int) or fraction of the batches
     # --- the training procedure; OFFICIAL_PROCEDURE holds the official OmniJet-α choices
     gradient_clip_val: float | None = None
     schedule: str = "one_cycle"          # VQ-VAE lr: "one_cycle" per step, or "official" (OneCycleCooldown per epoch)
@@ -153,6 +154,7 @@ def fit(module, train_loader, val_loader=None, out_dir: str | os.PathLike | None
             callbacks=callbacks, enable_progress_bar=cfg.progress_bar, logger=False,
             enable_checkpointing=out_dir is not None, default_root_dir=out_dir,
             log_every_n_steps=cfg.log_every_n_steps, enable_model_summary=False,
+            limit_train_batches=cfg.limit_train_batches,
             gradient_clip_val=cfg.gradient_clip_val, num_sanity_val_steps=0,
             use_distributed_sampler=False, plugins=[_atomic_checkpoint_io()],
         )
