@@ -278,7 +278,12 @@ def test_paper_profile_dry_run_prints_sizes_steps_and_gpu_hours(capsys):
     assert run_figures("paper", dry_run=True) == []
     out = capsys.readouterr().out
     assert "[01_token_quality]" in out and "VQ-VAE conditional K=8192" in out
-    assert "data_files: embedded simulation, 100000 jets" in out
+    # the paper's JetClass files, sized by their official names before they are downloaded
+    assert "train_100M/*_00[0-5].root (official JetClass names: 60 files, 6000000 jets once downloaded)" in out
+    # the official step counts: 100 epochs of 5850 tokenizer steps, 7800 GPT steps per epoch
+    assert "VQ-VAE conditional K=8192: 3240000 jets x 100 epochs, batch 512: 585000 steps" in out
+    assert "GPT q/g + t->bqq': 3600000 jets x 30 epochs, batch 256: 234000 steps" in out
+    assert "embedded simulation" not in out.split("[01_token_quality]")[1].split("[05_token_explorer]")[0]
     assert out.rstrip().splitlines()[-1].startswith("total: ~") and "GPU-h" in out
 
 
@@ -299,3 +304,5 @@ def test_cost_estimate_counts_files_and_steps(tmp_path):
     assert top["jets"] == 40                                 # t→bqq' files only, by official name
     missing = estimate_cost("03_transfer_learning", {"data_files": str(tmp_path / "nothing_*.root")})
     assert "MISSING" in missing["lines"][0] and missing["jets"] == 0
+    capped = estimate_cost("01_token_quality", dict(p, trainer={"limit_train_batches": 2}))
+    assert capped["steps"] == 2 * 2 + 2 * 1  # at most 2 steps per epoch: VQ-VAE 2 epochs, DeepSets 1
