@@ -31,3 +31,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def randomise_(model, seed: int = 0, scale: float = 0.3):
+    """Every parameter random, also those that start at zero so that the fresh NormFormer
+    blocks are the identity (the official initialisation): an untrained tokenizer whose decoding
+    depends on the context, for tests that need every path exercised."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(scale * torch.randn(p.shape, generator=g))
+    return model

@@ -51,6 +51,7 @@ def _toy_inputs(root: Path) -> dict:
 
     from omnijet_lib.data import make_jets, write_jetclass
     from omnijet_lib.tokenizers import save_tokenizer
+    from conftest import randomise_
     from omnijet_lib.training.vqvae import make_tokenizer
 
     rng = np.random.default_rng(0)
@@ -64,7 +65,7 @@ def _toy_inputs(root: Path) -> dict:
         parts.append(make_jets(vector.zip({"px": v.px, "py": v.py, "pz": v.pz, "E": v.E}), label))
     data = write_jetclass(root / "toy.root", ak.concatenate(parts))
     torch.manual_seed(0)
-    tok = make_tokenizer("conditional", K, hidden_dim=16, num_blocks=1, num_heads=2, mlp_hidden=16)
+    tok = randomise_(make_tokenizer("conditional", K, hidden_dim=16, num_blocks=1, num_heads=2, mlp_hidden=16))
     save_tokenizer(root / "models" / f"tokenizer_conditional_{K}" / "tokenizer.safetensors", tok)
     return {"data_files": str(data), "models_dir": str(root / "models"), "figures_dir": str(root / "figures"),
             "num_codes": K, "explore_per_class": 6, "blob_samples": 20, "blob_context": 5, "snapshot_tokens": 2}

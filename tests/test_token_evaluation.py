@@ -7,6 +7,7 @@ import torch
 from omnijet_lib.io import OmnijetError
 from omnijet_lib.models.normformer import TransformerClassifier, TransformerClassifierConfig
 from omnijet_lib.tokenizers import BinnedConfig, BinnedTokenizer, VQVAE, VQVAEConfig
+from conftest import randomise_
 from omnijet_lib.tokenizers.evaluation import (blob_spread, classifier_accuracy, codebook_usage, gaussian_fit,
                                                resolution_table, to_physical, token_blobs)
 from omnijet_lib.tokenizers.base import TokenizerMixin
@@ -14,8 +15,8 @@ from omnijet_lib.tokenizers.base import TokenizerMixin
 
 def tiny_vqvae(conditional=True, K=16):
     torch.manual_seed(0)
-    return VQVAE(VQVAEConfig(conditional=conditional, num_codes=K, hidden_dim=16, num_blocks=1, num_heads=2,
-                             mlp_hidden=16, dropout=0.0, attn_dropout=0.0)).eval()
+    return randomise_(VQVAE(VQVAEConfig(conditional=conditional, num_codes=K, hidden_dim=16, num_blocks=1,
+                                        num_heads=2, mlp_hidden=16, dropout=0.0, attn_dropout=0.0))).eval()
 
 
 class GroupProbe(torch.nn.Module, TokenizerMixin):

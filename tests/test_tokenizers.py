@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import randomise_
 from omnijet_lib.io import OmnijetError
 from omnijet_lib.tokenizers import (
     VQVAE,
@@ -103,15 +104,6 @@ def test_from_sequence_validation():
         tok.from_sequence(np.array([[0.0, 1.0]]))
     with pytest.raises(OmnijetError):
         tok.to_sequence(np.array([[K, 1]]), np.array([[True, True]]))
-
-
-def randomise_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter random (the identity-start zeros too), so that every path is exercised."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def test_blocks_start_as_identity():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from omnijet_lib.io import OmnijetError
+from conftest import randomise_
 from omnijet_lib.training.vqvae import make_tokenizer
 from omnijet_lib.widgets import TokenExplorer, cached_blobs, parse_token_ids
 
@@ -29,7 +30,7 @@ def toy_padded(n=24, max_len=12, seed=0):
 @pytest.fixture(scope="module")
 def explorer():
     torch.manual_seed(0)
-    tok = make_tokenizer("conditional", K, hidden_dim=16, num_blocks=1, num_heads=2, mlp_hidden=16).eval()
+    tok = randomise_(make_tokenizer("conditional", K, hidden_dim=16, num_blocks=1, num_heads=2, mlp_hidden=16)).eval()
     return TokenExplorer(tok, toy_padded(), n_samples=20, n_context=5, seed=0)
 
 
