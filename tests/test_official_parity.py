@@ -131,7 +131,7 @@ def test_official_procedure_preset():
         (5.0, "official", True, True, "default")
     assert cfg.batching == "bucketed"  # an explicit key wins over the preset
     assert TrainConfig.from_params({}).procedure == {
-        "gradient_clip_val": None, "schedule": "one_cycle", "first_epoch_lr_factor": 1.0,
+        "gradient_clip_val": 5.0, "schedule": "one_cycle", "first_epoch_lr_factor": 1.0,
         "loss_over_padding": False, "quantize_padding": False, "batching": "bucketed", "head_init": "zero"}
     for bad in ({"procedure": "paper"}, {"schedule": "cosine"}, {"batching": "sorted"}, {"head_init": "ones"}):
         with pytest.raises(OmnijetError, match=next(iter(bad))):

@@ -48,7 +48,7 @@ class TrainConfig:
     patience: int | None = None          # early stopping on val_loss when set
     limit_train_batches: int | float = 1.0  # optimiser steps per epoch (int) or fraction of the batches
     # --- the training procedure; OFFICIAL_PROCEDURE holds the official OmniJet-α choices
-    gradient_clip_val: float | None = None
+    gradient_clip_val: float | None = 5.0  # the official value; None: no clipping (README, differences)
     schedule: str = "one_cycle"          # VQ-VAE lr: "one_cycle" per step, or "official" (OneCycleCooldown per epoch)
     first_epoch_lr_factor: float = 1.0   # GPT and classifiers: lr × this in the first epoch
     loss_over_padding: bool = False      # losses averaged over every padded slot, not only real entries
