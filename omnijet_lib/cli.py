@@ -1,4 +1,4 @@
-"""``omnijet`` command line: ``simulate | tokenize | figures | bench``.
+"""``omnijet`` command line: ``simulate | tokenize | figures | bench | checkpoints``.
 
 Errors meant for users (bad files, parameters, checkpoints) are printed as one line and the
 command exits with status 1; no traceback soup.
@@ -51,7 +51,32 @@ def _bench(argv) -> int:
     return bench_main(argv)
 
 
-COMMANDS = {"simulate": _simulate, "tokenize": _tokenize, "figures": _figures, "bench": _bench}
+def _checkpoints(argv) -> int:
+    from .official import PUBLISHED_URL, convert_published, fetch_published
+
+    ap = argparse.ArgumentParser(prog="omnijet checkpoints", description="The published OmniJet-α weights "
+                                 "(uhh-pd-ml/omnijet_alpha, checkpoints/download_checkpoints.sh).")
+    sub = ap.add_subparsers(dest="action", required=True)
+    f = sub.add_parser("fetch", help="download and unpack the published archive (resumes; sha256 of every "
+                       "file recorded and checked on reuse)")
+    f.add_argument("--dest", required=True, help="directory to unpack into, e.g. data/checkpoints/published")
+    f.add_argument("--url", default=PUBLISHED_URL, help="archive URL (default: the authors' DESY Sync&Share folder)")
+    c = sub.add_parser("convert", help="write the published tokenizer and backbone as our safetensors "
+                       "checkpoints (tokenizer_conditional_K/, gpt_combined/)")
+    c.add_argument("src", help="a directory holding the published files (fetch's --dest)")
+    c.add_argument("dest", help="models directory, e.g. data/models/published")
+    a = ap.parse_args(argv)
+    if a.action == "fetch":
+        for what, path in fetch_published(a.dest, url=a.url).items():
+            print(f"{what}: {path}")
+    else:
+        for what, path in convert_published(a.src, a.dest, progress=lambda msg: print(msg, file=sys.stderr)).items():
+            print(f"{what}: {path}")
+    return 0
+
+
+COMMANDS = {"simulate": _simulate, "tokenize": _tokenize, "figures": _figures, "bench": _bench,
+            "checkpoints": _checkpoints}
 
 
 def main(argv=None) -> int:

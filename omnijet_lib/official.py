@@ -11,6 +11,20 @@ model arguments, and returns our model with those weights:
 * :func:`classifier_from_official` — ``BackboneClassificationLightning`` (summation head) →
   :class:`~omnijet_lib.models.classifier.GPTClassifier`.
 
+The published checkpoints are Lightning pickles that also hold ``functools.partial`` optimisers,
+the official scheduler class and omegaconf objects. :func:`read_lightning_checkpoint` reads them
+with a restricted unpickler: tensors and plain containers are built, every other global becomes
+an inert stand-in (nothing in the file is ever called) and globals that could run code
+(``os.system``, ``eval``, ...) are refused. On top of it:
+
+* :func:`load_official_tokenizer` (``model_ckpt.ckpt`` + its ``config.yaml``, whose feature
+  scaling must be ours), :func:`load_official_backbone`, :func:`load_official_classifier`;
+* :func:`find_published` / :func:`convert_published` — the published archive's layout
+  (``vqvae_8192_tokens/``, ``generative_8192_tokens/``) → our safetensors checkpoints where the
+  notebooks look for them (``tokenizer_conditional_K/``, ``gpt_combined/``);
+* :func:`fetch_published` — download and unpack the published archive (resumable, atomic,
+  safe extraction, sha256 of every file checked on reuse).
+
 Every official tensor must land in exactly one of ours and every one of ours must be filled;
 anything else is an :class:`OmnijetError` naming the tensors. Buffers with no counterpart
 (the GPT's causal-mask ``tril``) are dropped. The parity tests (tests/test_official_parity.py)
@@ -19,16 +33,33 @@ run the official modules' recorded outputs through these.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import pickle
 import re
+import types
+import zipfile
+from pathlib import Path
 
 import torch
+import yaml
 
-from .io import OmnijetError
+from .data.download import download_file, extract_archive
+from .data.features import ANGLE_SCALE, FEATURE_NAMES, PT_SHIFT, REL_CUT
+from .io import OmnijetError, write_json
 from .models.classifier import GPTClassifier
 from .models.gpt import GPT, GPTConfig
+from .tokenizers.base import save_tokenizer
 from .tokenizers.vqvae import VQVAE, VQVAEConfig
+from .training.fit import save_model
 
-__all__ = ["tokenizer_from_official", "gpt_from_official", "classifier_from_official", "rename_official"]
+log = logging.getLogger(__name__)
+
+__all__ = ["tokenizer_from_official", "gpt_from_official", "classifier_from_official", "rename_official",
+           "read_lightning_checkpoint", "plain", "load_official_tokenizer", "load_official_backbone",
+           "load_official_classifier", "find_published", "convert_published", "fetch_published", "PUBLISHED_URL"]
 
 # (official name pattern, our name), tried in order. Inside a NormFormer block (gabbro's
 # NormformerBlock -> ours): nn.MultiheadAttention's in_proj is our qkv, rows [q; k; v] alike.
@@ -176,3 +207,326 @@ def classifier_from_official(state_dict: dict, model_kwargs: dict, source: str =
     n_classes = int(model_kwargs.get("n_out_nodes", 2))
     model = GPTClassifier(_gpt_config(state_dict, model_kwargs, source), n_classes=n_classes, head_init="default")
     return _load(model, rename_official(state_dict, "classifier", source), source)
+
+
+# ------------------------------------------------------------------ reading Lightning checkpoints
+class Opaque:
+    """Inert stand-in for a global that a checkpoint references (an optimiser class, an omegaconf
+    node, ...). It keeps what the pickle hands it -- constructor arguments, state, items -- and
+    has no behaviour: nothing of the original class is imported or called."""
+
+    qualname = "?"
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.args, obj.kwargs, obj.state, obj.items, obj.list = args, kwargs, None, {}, []
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):  # SETITEMS on dict subclasses (e.g. Lightning's AttributeDict)
+        self.items[key] = value
+
+    def append(self, value):  # APPENDS on list subclasses
+        self.list.append(value)
+
+    def extend(self, values):
+        self.list.extend(values)
+
+    def __repr__(self):
+        return f"<{self.qualname}>"
+
+
+# Built for real: tensors (torch's own rebuild functions; storages are handled by torch.load)
+# and plain containers. Refused: modules whose globals can run code when called.
+_REAL = {
+    ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"),
+    ("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device"),
+    *((b, n) for b in ("builtins", "__builtin__") for n in ("set", "frozenset", "dict", "list", "tuple", "slice", "complex")),
+}
+_REFUSED = {"os", "posix", "nt", "subprocess", "sys", "builtins", "__builtin__", "shutil", "importlib", "runpy",
+            "socket", "pickle", "_pickle", "marshal", "ctypes", "code", "codeop", "pty", "webbrowser", "signal",
+            "multiprocessing", "threading", "types", "operator", "io", "codecs", "pdb", "timeit", "platform",
+            "tempfile", "glob", "asyncio", "urllib", "http", "ftplib", "smtplib", "telnetlib", "inspect"}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _REAL:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module.split(".")[0] in _REFUSED or name.startswith("__"):
+            raise _Refused(f"{module}.{name}")
+        return type(name, (Opaque,), {"qualname": f"{module}.{name}", "__module__": "omnijet_lib.official"})
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+_RESTRICTED_PICKLE = types.SimpleNamespace(Unpickler=_RestrictedUnpickler, load=None, __name__="omnijet_restricted")
+
+
+def read_lightning_checkpoint(path: str | os.PathLike) -> dict:
+    """A Lightning (``torch.save``) checkpoint as a dict of tensors, plain containers and
+    :class:`Opaque` stand-ins, read without executing anything from the file (see :class:`Opaque`).
+    Refuses files that are not torch zip checkpoints and pickles that reference callables able to
+    run code (``os.system``, ``builtins.eval``, ...)."""
+    path = Path(path)
+    if not path.is_file():
+        raise OmnijetError(f"{path}: checkpoint not found")
+    if not zipfile.is_zipfile(path):
+        raise OmnijetError(f"{path}: not a checkpoint (not a torch zip archive; truncated download?)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", pickle_module=_RESTRICTED_PICKLE, weights_only=False)
+    except _Refused as err:
+        raise OmnijetError(f"{path}: refused, the pickle references {err}, which could run code; "
+                           "nothing from it was executed") from None
+    except Exception as err:  # a damaged zip member, a pickle that is not a checkpoint, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "empty or truncated"
+        raise OmnijetError(f"{path}: not a readable checkpoint ({type(err).__name__}: {first})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise OmnijetError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    return ckpt
+
+
+def plain(obj):
+    """Stand-ins of omegaconf containers, Lightning's AttributeDict and ``functools.partial``
+    → plain dicts and lists (a partial becomes ``{"_target_": name, **kwargs}``, as in hydra);
+    any other stand-in becomes its qualified name in angle brackets."""
+    if isinstance(obj, Opaque):
+        name, state = obj.qualname, obj.state if isinstance(obj.state, dict) else {}
+        if name.startswith("omegaconf.") and "_content" in state:
+            content = state["_content"]
+            if isinstance(content, dict):
+                return {k: plain(v) for k, v in content.items()}
+            return [plain(v) for v in content] if isinstance(content, list) else content
+        if name.startswith("omegaconf.nodes."):
+            return plain(state.get("_val"))
+        if name == "functools.partial" and isinstance(obj.state, tuple) and len(obj.state) >= 3:
+            func, _, kwargs = obj.state[:3]
+            return {"_target_": getattr(func, "qualname", repr(func)), **plain(kwargs or {})}
+        if obj.items or obj.list:
+            return {k: plain(v) for k, v in obj.items.items()} if obj.items else [plain(v) for v in obj.list]
+        return repr(obj)
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    return obj
+
+
+def _model_kwargs(ckpt: dict, path: Path) -> tuple[dict, dict]:
+    hp = plain(ckpt.get("hyper_parameters") or {})
+    kw = hp.get("model_kwargs") if isinstance(hp, dict) else None
+    if not isinstance(kw, dict):
+        raise OmnijetError(f"{path}: hyper_parameters.model_kwargs missing: not an official OmniJet-α checkpoint")
+    return hp, kw
+
+
+def _require(kwargs: dict, keys, path: Path, what: str) -> None:
+    missing = [k for k in keys if k not in kwargs]
+    if missing:
+        raise OmnijetError(f"{path}: model_kwargs lack {missing} needed for the {what}")
+
+
+def _state_dict(ckpt: dict, prefixes: tuple, path: Path, what: str) -> dict:
+    sd = {k: v for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
+    if not any(k.startswith(prefixes) for k in sd):
+        raise OmnijetError(f"{path}: no {'/'.join(p + '*' for p in prefixes)} tensors: not an official {what}")
+    return sd
+
+
+# Our features (omnijet_lib.data.features) in the official feature_dict's terms, in order.
+OFFICIAL_FEATURES = {
+    "part_pt": {"multiply_by": 1.0, "subtract_by": PT_SHIFT, "func": "np.log", "inv_func": "np.exp"},
+    "part_etarel": {"multiply_by": ANGLE_SCALE, "larger_than": -REL_CUT, "smaller_than": REL_CUT},
+    "part_phirel": {"multiply_by": ANGLE_SCALE, "larger_than": -REL_CUT, "smaller_than": REL_CUT},
+}
+
+
+def check_feature_dict(feature_dict: dict, source: str) -> None:
+    """The tokenizer's input scaling (``data.dataset_kwargs_common.feature_dict``) must be ours."""
+    if list(feature_dict) != list(OFFICIAL_FEATURES):
+        raise OmnijetError(f"{source}: features {list(feature_dict)} differ from ours {list(OFFICIAL_FEATURES)} "
+                           f"({', '.join(FEATURE_NAMES)})")
+    for feat, want in OFFICIAL_FEATURES.items():
+        have = feature_dict[feat] or {}
+        for key in sorted(set(want) | set(have)):
+            a, b = have.get(key), want.get(key)
+            same = a == b if isinstance(b, str) or b is None else isinstance(a, (int, float)) and abs(a - b) < 1e-9
+            if not same:
+                raise OmnijetError(f"{source}: feature_dict.{feat}.{key} is {a!r}, ours is {b!r}: "
+                                   "tokens of this model would not mean what they mean here")
+
+
+def _config_yaml(path: Path) -> dict:
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise OmnijetError(f"{path}: not found; the official tokenizer needs the config.yaml of its training "
+                           "(it holds the feature scaling)") from None
+    except yaml.YAMLError as err:
+        raise OmnijetError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def load_official_tokenizer(path: str | os.PathLike) -> VQVAE:
+    """The official tokenizer: ``model_ckpt.ckpt`` (or the folder holding it) and the
+    ``config.yaml`` next to it, whose feature scaling must be ours; → our :class:`VQVAE`."""
+    path = Path(path)
+    ckpt_path = path / "model_ckpt.ckpt" if path.is_dir() else path
+    ckpt = read_lightning_checkpoint(ckpt_path)
+    hp, kw = _model_kwargs(ckpt, ckpt_path)
+    cfg = _config_yaml(ckpt_path.parent / "config.yaml")
+    feature_dict = ((cfg.get("data") or {}).get("dataset_kwargs_common") or {}).get("feature_dict")
+    if not isinstance(feature_dict, dict):
+        raise OmnijetError(f"{ckpt_path.parent / 'config.yaml'}: no data.dataset_kwargs_common.feature_dict")
+    check_feature_dict(feature_dict, str(ckpt_path.parent / "config.yaml"))
+    model_type = hp.get("model_type") or (cfg.get("model") or {}).get("model_type")
+    _require(kw, ["latent_dim", "vq_kwargs"], ckpt_path, "tokenizer")
+    sd = _state_dict(ckpt, ("model.",), ckpt_path, "tokenizer (VQVAELightning)")
+    return tokenizer_from_official(sd, kw, model_type, source=str(ckpt_path))
+
+
+def load_official_backbone(path: str | os.PathLike) -> GPT:
+    """The official generative backbone (``BackboneNextTokenPredictionLightning``) → our :class:`GPT`."""
+    path = Path(path)
+    ckpt = read_lightning_checkpoint(path)
+    _, kw = _model_kwargs(ckpt, path)
+    _require(kw, ["vocab_size", "embedding_dim", "n_heads"], path, "backbone")
+    sd = _state_dict(ckpt, ("module.",), path, "backbone")
+    if not any(k.startswith("head.fc1.") for k in sd):
+        raise OmnijetError(f"{path}: no next-token head (head.fc1): not a generative backbone checkpoint")
+    return gpt_from_official(sd, kw, source=str(path))
+
+
+def load_official_classifier(path: str | os.PathLike) -> GPTClassifier:
+    """An official classifier (``BackboneClassificationLightning``, summation head) → our :class:`GPTClassifier`."""
+    path = Path(path)
+    ckpt = read_lightning_checkpoint(path)
+    hp, kw = _model_kwargs(ckpt, path)
+    head = hp.get("class_head_type", "summation")
+    if head != "summation":
+        raise OmnijetError(f"{path}: class_head_type {head!r} is not supported (summation only)")
+    _require(kw, ["vocab_size", "embedding_dim", "n_heads"], path, "classifier")
+    return classifier_from_official(_state_dict(ckpt, ("module.",), path, "classifier"), kw, source=str(path))
+
+
+# ------------------------------------------------------------------------ the published archive
+#: The public DESY Sync&Share folder that the official ``checkpoints/download_checkpoints.sh`` fetches.
+PUBLISHED_URL = "https://syncandshare.desy.de/public.php/dav/files/HX388YZbjSGPNcC/?accept=zip"
+MANIFEST = "omnijet_checkpoints.sha256.json"
+_CONVERTED = "published.json"
+
+
+def find_published(checkpoint_dir: str | os.PathLike) -> dict[str, Path]:
+    """The published files under ``checkpoint_dir`` (at any depth): ``tokenizer`` =
+    ``vqvae_*_tokens/model_ckpt.ckpt`` (``config.yaml`` beside it) and ``backbone`` =
+    ``generative_*_tokens/*.ckpt``."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        raise OmnijetError(f"{root}: checkpoint directory not found (omnijet checkpoints fetch --dest {root})")
+    found = {"tokenizer": sorted(root.glob("**/vqvae_*_tokens/model_ckpt.ckpt")),
+             "backbone": sorted(root.glob("**/generative_*_tokens/*.ckpt"))}
+    for what, where in (("tokenizer", "vqvae_8192_tokens/model_ckpt.ckpt"),
+                        ("backbone", "generative_8192_tokens/OmniJet_generative_model_*.ckpt")):
+        if not found[what]:
+            raise OmnijetError(f"{root}: no published {what} ({where}) in it")
+        if len(found[what]) > 1:
+            raise OmnijetError(f"{root}: {len(found[what])} candidate {what} checkpoints, expected one: "
+                               f"{[str(p.relative_to(root)) for p in found[what]]}")
+    return {k: v[0] for k, v in found.items()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def convert_published(checkpoint_dir: str | os.PathLike, dest: str | os.PathLike, progress=print) -> dict[str, Path]:
+    """The published tokenizer and backbone as our safetensors checkpoints, where the notebooks
+    look for them: ``dest/tokenizer_conditional_K/tokenizer.safetensors`` and
+    ``dest/gpt_combined/gpt.safetensors``. Returns those paths (``tokenizer``, ``gpt_combined``).
+
+    Converted once: ``dest/published.json`` records the sha256 of the sources, and a later call
+    with the same sources reuses the outputs. Files in the way that were not converted from
+    these sources are refused rather than overwritten."""
+    src, dest = find_published(checkpoint_dir), Path(dest)
+    sums = {k: _sha256(p) for k, p in src.items()}
+    record = dest / _CONVERTED
+    try:
+        old = json.loads(record.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        old = {}
+    outs = {k: Path(v) for k, v in (old.get("outputs") or {}).items()}
+    if old.get("sha256") == sums and outs and all(p.is_file() for p in outs.values()):
+        progress(f"published models from {checkpoint_dir}: already converted into {dest}")
+        return outs
+    tok = load_official_tokenizer(src["tokenizer"])
+    gpt = load_official_backbone(src["backbone"])
+    if gpt.config.vocab_size != tok.vocab_size:
+        raise OmnijetError(f"{src['backbone']}: backbone vocabulary {gpt.config.vocab_size} does not fit the "
+                           f"tokenizer {src['tokenizer']} ({tok.num_codes} codes + start/stop = {tok.vocab_size})")
+    outs = {"tokenizer": dest / f"tokenizer_{tok.kind}_{tok.num_codes}" / "tokenizer.safetensors",
+            "gpt_combined": dest / "gpt_combined" / "gpt.safetensors"}
+    ours = set((old.get("outputs") or {}).values())
+    for p in outs.values():
+        if p.exists() and str(p) not in ours:
+            raise OmnijetError(f"{p}: exists and was not converted from the published checkpoints; "
+                               "use another models_dir (or remove it)")
+        p.parent.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(outs["tokenizer"], tok)
+    save_model(outs["gpt_combined"], gpt, source=str(src["backbone"]))
+    write_json(record, {"sources": {k: str(p) for k, p in src.items()}, "sha256": sums,
+                        "outputs": {k: str(p) for k, p in outs.items()}})
+    progress(f"converted the published tokenizer (K = {tok.num_codes}) and backbone "
+             f"({sum(p.numel() for p in gpt.parameters()):,} parameters) into {dest}")
+    return outs
+
+
+def _verify_manifest(dest: Path) -> list[str] | None:
+    """Files of ``dest``'s manifest that are missing or differ; None when there is no manifest."""
+    try:
+        manifest = json.loads((dest / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if not isinstance(manifest, dict) or not manifest:
+        return None
+    return [rel for rel, sha in manifest.items() if not (dest / rel).is_file() or _sha256(dest / rel) != sha]
+
+
+def fetch_published(dest: str | os.PathLike, url: str = PUBLISHED_URL, progress: bool = True) -> dict[str, Path]:
+    """Download the published checkpoints archive into ``dest`` and unpack it; returns
+    :func:`find_published` of ``dest``.
+
+    As the JetClass downloader: the download resumes, files get their names only when complete,
+    archive members that would land outside ``dest`` (or are links) are refused. The sha256 of
+    every unpacked file goes into ``dest/omnijet_checkpoints.sha256.json``; a later call checks
+    them and fetches again only if a file is missing or differs."""
+    dest = Path(dest)
+    bad = _verify_manifest(dest)
+    if bad == []:
+        log.info("%s: published checkpoints present, sha256 verified", dest)
+        return find_published(dest)
+    if bad:
+        log.warning("%s: %s missing or changed since the download; fetching again", dest, ", ".join(bad))
+        for rel in bad:
+            (dest / rel).unlink(missing_ok=True)
+    archive = download_file(url, dest / "omnijet_checkpoints.download", progress=progress,
+                            desc="OmniJet-α checkpoints")
+    files = extract_archive(archive, dest, progress=progress)
+    manifest = {str(p.relative_to(dest)): _sha256(p) for p in files}
+    write_json(dest / MANIFEST, manifest)
+    archive.unlink()
+    log.info("%s: %d files unpacked, sha256 recorded in %s", dest, len(files), MANIFEST)
+    return find_published(dest)

@@ -9,7 +9,8 @@ support still work: the archive is then streamed and read until the requested fi
 Two entry points:
 
 * :func:`download_jetclass` -- selected ROOT files of a split, via Range requests;
-* :func:`download_archive` (+ :func:`extract_archive`) -- a whole tar, md5-verified, then unpacked.
+* :func:`download_archive` (+ :func:`extract_archive`) -- a whole tar, md5-verified, then unpacked;
+* :func:`download_file` -- any one file, resumable (e.g. the published OmniJet-α checkpoints).
 
 Both resume partial downloads, write through a temporary name and rename atomically, and refuse
 member paths that would escape the destination. Only the standard library speaks HTTP.
@@ -23,10 +24,12 @@ import logging
 import os
 import re
 import shutil
+import stat
 import struct
 import tarfile
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterator, Sequence
@@ -48,6 +51,7 @@ __all__ = [
     "iter_tar_members",
     "check_member",
     "download_jetclass",
+    "download_file",
     "download_archive",
     "extract_archive",
 ]
@@ -424,6 +428,39 @@ def download_jetclass(
 
 
 # ------------------------------------------------------------------------- full-archive mode
+def download_file(url: str, final: str | os.PathLike, md5: str | None = None, progress: bool = True,
+                  desc: str | None = None) -> Path:
+    """Download ``url`` to ``final``, resuming ``.<name>.partial`` left by an interrupted run.
+
+    The file gets its final name only when complete (and, with ``md5``, verified; a mismatching
+    download is removed and reported)."""
+    final = Path(final)
+    partial = _partial_path(final)
+    _mkdir(final.parent)
+    have = partial.stat().st_size if partial.is_file() else 0
+    resp = _request(url, have) if have else _request(url)
+    if resp is not None:  # None: 416, the partial file already holds every byte
+        with resp:
+            if have and resp.status != 206:
+                log.warning("%s: server does not support HTTP Range requests; restarting from byte 0", url)
+                have = 0
+            elif have:
+                _check_partial(resp, url, have)
+            length = resp.headers.get("Content-Length")
+            n = int(length) if length is not None else None
+            with open(partial, "ab" if have else "wb") as out, tqdm(
+                total=None if n is None else have + n, initial=have, unit="B", unit_scale=True,
+                unit_divisor=1024, disable=not progress, desc=desc or final.name,
+            ) as bar:
+                _pump(resp, n, out, bar, url)
+    with atomic_path(final) as tmp:  # a mismatching file is deleted by atomic_path on the raise
+        os.replace(partial, tmp)
+        if md5 and (got := _md5(tmp)) != md5:
+            raise OmnijetError(f"{final}: md5 {got} does not match the published {md5}; "
+                               "the file was removed, run again to download it afresh")
+    return final
+
+
 def download_archive(
     name: str,
     dest: str | os.PathLike = "data/jetclass",
@@ -441,55 +478,41 @@ def download_archive(
     md5 = (md5 or ARCHIVE_MD5.get(name) or "").lower()
     if not md5:
         raise OmnijetError(f"{name}: unknown archive and no md5 given (known: {', '.join(ARCHIVE_MD5)})")
-    dest = Path(dest)
-    final, partial = dest / name, _partial_path(dest / name)
+    final = Path(dest) / name
     if final.is_file():
         if _md5(final) == md5:
             log.info("%s: present, md5 verified", final)
             return final
         log.warning("%s: md5 mismatch, downloading it again", final)
         final.unlink()
-    _mkdir(dest)
-    url = archive_url(name, base_url)
-    have = partial.stat().st_size if partial.is_file() else 0
-    resp = _request(url, have) if have else _request(url)
-    if resp is not None:  # None: 416, the partial file already holds every byte
-        with resp:
-            if have and resp.status != 206:
-                log.warning("%s: server does not support HTTP Range requests; restarting from byte 0", url)
-                have = 0
-            elif have:
-                _check_partial(resp, url, have)
-            length = resp.headers.get("Content-Length")
-            n = int(length) if length is not None else None
-            with open(partial, "ab" if have else "wb") as out, tqdm(
-                total=None if n is None else have + n, initial=have, unit="B", unit_scale=True,
-                unit_divisor=1024, disable=not progress, desc=name,
-            ) as bar:
-                _pump(resp, n, out, bar, url)
-    with atomic_path(final) as tmp:  # a mismatching file is deleted by atomic_path on the raise
-        os.replace(partial, tmp)
-        got = _md5(tmp)
-        if got != md5:
-            raise OmnijetError(f"{final}: md5 {got} does not match the published {md5}; "
-                               "the file was removed, run again to download it afresh")
-    return final
+    return download_file(archive_url(name, base_url), final, md5=md5, progress=progress, desc=name)
 
 
 def extract_archive(path: str | os.PathLike, dest: str | os.PathLike = "data/jetclass",
                     progress: bool = True) -> list[Path]:
-    """Unpack a tar into ``dest`` safely; returns the extracted files.
+    """Unpack a tar or zip archive into ``dest`` safely; returns the extracted files.
 
     Every member is checked before anything is written: no absolute paths, no ``..``, only
     regular files and directories (no links or devices). Files are written atomically; files
     already present with the right size are skipped.
     """
     path, dest = Path(path), Path(dest)
+    with open(path, "rb") as f:
+        head = f.read(4)  # a tar of zips (e.g. of torch checkpoints) also passes zipfile.is_zipfile
+    if head == b"PK\x03\x04" and zipfile.is_zipfile(path):
+        zf = zipfile.ZipFile(path)
+        with zf:
+            members = zf.infolist()
+            for m in members:
+                _safe_relpath(m.filename, str(path))
+                if stat.S_ISLNK(m.external_attr >> 16):
+                    raise OmnijetError(f"{path}: refusing member {m.filename!r}: links are not extracted")
+            files = [(m.filename, m.file_size, lambda m=m: zf.open(m)) for m in members if not m.is_dir()]
+            return _extract(files, path, dest, progress)
     try:
         tf = tarfile.open(path, "r:")
     except (tarfile.TarError, OSError) as err:
-        raise OmnijetError(f"{path}: not a readable uncompressed tar archive ({err})") from None
-    out: list[Path] = []
+        raise OmnijetError(f"{path}: not a readable uncompressed tar or zip archive ({err})") from None
     with tf:
         members = tf.getmembers()
         for m in members:
@@ -497,15 +520,21 @@ def extract_archive(path: str | os.PathLike, dest: str | os.PathLike = "data/jet
             if not (m.isfile() or m.isdir()):
                 raise OmnijetError(f"{path}: refusing member {m.name!r}: only regular files and "
                                    "directories are extracted (links and devices are not)")
-        files = [m for m in members if m.isfile()]
-        with tqdm(total=sum(m.size for m in files), unit="B", unit_scale=True, unit_divisor=1024,
-                  disable=not progress, desc=f"extract {path.name}") as bar:
-            for m in files:
-                target = dest / _safe_relpath(m.name, str(path))
-                if not (target.is_file() and target.stat().st_size == m.size):
-                    _mkdir(target.parent)
-                    with atomic_path(target) as tmp, tf.extractfile(m) as src, open(tmp, "wb") as dst:
-                        shutil.copyfileobj(src, dst, _CHUNK)
-                bar.update(m.size)
-                out.append(target)
+        files = [(m.name, m.size, lambda m=m: tf.extractfile(m)) for m in members if m.isfile()]
+        return _extract(files, path, dest, progress)
+
+
+def _extract(files, path: Path, dest: Path, progress: bool) -> list[Path]:
+    """Write checked ``(name, size, open)`` members under ``dest``, each atomically."""
+    out: list[Path] = []
+    with tqdm(total=sum(size for _, size, _ in files), unit="B", unit_scale=True, unit_divisor=1024,
+              disable=not progress, desc=f"extract {path.name}") as bar:
+        for name, size, open_member in files:
+            target = dest / _safe_relpath(name, str(path))
+            if not (target.is_file() and target.stat().st_size == size):
+                _mkdir(target.parent)
+                with atomic_path(target) as tmp, open_member() as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, _CHUNK)
+            bar.update(size)
+            out.append(target)
     return out
