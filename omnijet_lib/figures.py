@@ -255,6 +255,18 @@ def _expected_jetclass(patterns, want=None) -> tuple[int, int] | None:
     return (len(names), len(names) * JETCLASS_JETS_PER_FILE) if names else None
 
 
+def _published_line(checkpoint_dir) -> str:
+    """Whether the published checkpoints are where the profile says."""
+    from .official import find_published
+
+    path = Path(checkpoint_dir) if Path(checkpoint_dir).is_absolute() else NOTEBOOKS / checkpoint_dir
+    try:
+        found = find_published(path)
+    except OmnijetError as err:
+        return f"checkpoint_dir: MISSING ({err}; omnijet checkpoints fetch --dest {path.resolve()})"
+    return f"checkpoint_dir: published tokenizer and backbone found ({found['backbone'].name}); nothing is pre-trained"
+
+
 def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, int]]:
     """The trainings (and samplings) of a fresh run: (label, model, jets per epoch, epochs, batch);
     batch None marks a sampling, whose "jets" are training-jet equivalents of its forward passes."""
@@ -291,9 +303,10 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
             runs.append(("tokenizer (if not reused)", "vqvae", 0.9 * pool, p.get("tokenizer_epochs", 1),
                          p.get("tokenizer_batch_size", 512)))
             runs.append(("GPT pre-training (if not reused)", "gpt", 0.9 * pool, p.get("pretrain_epochs", 1), 256))
-        fine = 3 * p.get("n_seeds", 1) * sum(p.get("train_sizes", []))
-        runs.append(("fine-tuning, 3 strategies x seeds (max_epochs, before early stopping)", "gpt_classifier",
-                     fine, p.get("max_epochs", 1), p.get("batch_size", 64)))
+        cap = p.get("max_epochs", 1)  # one cap, or {size: cap}
+        passes = sum(s * (cap.get(s, 1) if isinstance(cap, dict) else cap) for s in p.get("train_sizes", []))
+        runs.append(("fine-tuning, 3 strategies x seeds (jet passes up to max_epochs, before early stopping)",
+                     "gpt_classifier", 3 * p.get("n_seeds", 1) * passes, 1, p.get("batch_size", 64)))
     elif stem.startswith("04"):
         runs.append(("tokenizer (if not reused)", "vqvae", 0.9 * n, p.get("tokenizer_epochs", 1), 512))
         runs.append(("GPT (if not reused)", "gpt", 0.9 * n, p.get("gpt_epochs", 1), 256))
@@ -314,9 +327,12 @@ def estimate_cost(stem: str, params: dict) -> dict:
     a fresh run: models found in ``models_dir`` are reused by the notebooks, early stopping cuts
     fine-tuning short, and models smaller than the paper's (``model_kw``) train faster."""
     pair = [params.get("background", "QCD"), params.get("signal", "Tbqq")]
-    classes = {"02": pair, "03": pair, "04": ["Tbqq"]}.get(stem[:2])
+    published = params.get("checkpoint_dir")
+    classes = {"02": pair, "03": pair, "04": pair if published else ["Tbqq"]}.get(stem[:2])
     n, where = _data(params, classes=classes)
     lines = [where]
+    if published:
+        lines.append(_published_line(published))
     if params.get("finetune_files") is not None:
         lines.append(_data(params, "finetune_files", classes)[1])
     if n:

@@ -212,7 +212,7 @@ def _file_digest(path) -> str:
 
 
 def run_transfer_study(seq, mask, y, split: dict, sizes, seeds, backbone_path, tokenizer_vocab: int | None = None,
-                       out_dir=None, strategies=STRATEGIES, max_epochs: int = 100, patience: int | None = None,
+                       out_dir=None, strategies=STRATEGIES, max_epochs: int | dict = 100, patience: int | None = None,
                        lr: float = 1e-4, lr_scratch: float | None = None, weight_decay: float = 1e-2,
                        batch_size: int = 64, trainer: dict | None = None, keep_checkpoints: bool = False,
                        progress=print) -> list[dict]:
@@ -225,6 +225,7 @@ def run_transfer_study(seq, mask, y, split: dict, sizes, seeds, backbone_path, t
     folder named by size/strategy/seed and a hash of everything that determines it; a finished
     run's ``result.json`` is reused by a rerun, checkpoints are deleted unless
     ``keep_checkpoints``. ``lr_scratch`` (default ``lr``) is the from-scratch learning rate.
+    ``max_epochs`` caps every run, or is ``{size: cap}`` (e.g. fewer epochs for larger sets on a CPU).
     """
     backbone_path = Path(backbone_path)
     bcfg = backbone_config_of(backbone_path)
@@ -236,11 +237,16 @@ def run_transfer_study(seq, mask, y, split: dict, sizes, seeds, backbone_path, t
     sizes = [int(s) for s in sizes]
     if not sizes:
         raise OmnijetError("no training sizes to run (none given, or none fits the training pool)")
+    caps = {int(k): v for k, v in max_epochs.items()} if isinstance(max_epochs, dict) else dict.fromkeys(sizes, max_epochs)
+    if set(sizes) - set(caps):
+        raise OmnijetError(f"max_epochs: no cap for training size(s) {sorted(set(sizes) - set(caps))} (given for {sorted(caps)})")
+    if not all(isinstance(c, int) and c >= 1 for c in caps.values()):
+        raise OmnijetError(f"max_epochs: caps must be positive integers, got {max_epochs}")
     for s in strategies:
         if s not in STRATEGIES:
             raise OmnijetError(f"strategy {s!r} is unknown, expected one of {', '.join(STRATEGIES)}")
     va, te = split["val"], split["test"]
-    base = {"version": STUDY_VERSION, "backbone": _file_digest(backbone_path), "vocab": tokenizer_vocab, "max_epochs": max_epochs,
+    base = {"version": STUDY_VERSION, "backbone": _file_digest(backbone_path), "vocab": tokenizer_vocab,
             "weight_decay": weight_decay, "batch_size": batch_size,
             "data": _digest(seq[va], mask[va], y[va], seq[te], mask[te], y[te]),
             "trainer": {k: v for k, v in (trainer or {}).items() if k != "progress_bar"}}
@@ -252,7 +258,7 @@ def run_transfer_study(seq, mask, y, split: dict, sizes, seeds, backbone_path, t
                 rate = lr_scratch if (strategy == "from_scratch" and lr_scratch is not None) else lr
                 pat = paper_patience(size) if patience is None else patience
                 settings = {**base, "strategy": strategy, "size": size, "seed": int(seed), "lr": rate,
-                            "patience": pat, "train": _digest(seq[tr], mask[tr], y[tr])}
+                            "max_epochs": caps[size], "patience": pat, "train": _digest(seq[tr], mask[tr], y[tr])}
                 key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
                 run_dir = Path(out_dir) / f"n{size}_{strategy}_seed{seed}_{key}" if out_dir is not None else None
                 if run_dir is not None and (run_dir / "result.json").is_file():
@@ -266,7 +272,7 @@ def run_transfer_study(seq, mask, y, split: dict, sizes, seeds, backbone_path, t
                     work = run_dir or Path(tmp)
                     t0 = time.perf_counter()
                     model = train_transfer(strategy, seq[tr], mask[tr], y[tr], (seq[va], mask[va], y[va]),
-                                           backbone_path, tokenizer_vocab, out_dir=work, max_epochs=max_epochs,
+                                           backbone_path, tokenizer_vocab, out_dir=work, max_epochs=caps[size],
                                            patience=pat, lr=rate, weight_decay=weight_decay,
                                            batch_size=batch_size, trainer=trainer, seed=int(seed))
                     train_s = time.perf_counter() - t0

@@ -1,0 +1,35 @@
+"""The ``published`` profile end to end at ci size, on the published archive's layout and names
+built from the tiny official-format fixtures (tests/official_format.py)."""
+
+import json
+
+import yaml
+
+import official_format as of
+from omnijet_lib.figures import PARAMS, run_figures
+
+# What makes the profile "published"; every size in it reverts to the notebooks' ci defaults.
+KEEP = {"checkpoint_dir", "kinds", "epic_config"}
+
+
+def test_published_profile_at_ci_size(tmp_path):
+    archive = of.fixture_archive(tmp_path / "checkpoints")
+    profile = yaml.safe_load((PARAMS / "published.yaml").read_text())
+    small = {section: {k: v for k, v in keys.items() if k in KEEP} for section, keys in profile.items()}
+    small["common"].update(checkpoint_dir=str(archive), models_dir=str(tmp_path / "models"),
+                           figures_dir=str(tmp_path / "figures"))
+    path = tmp_path / "published_ci.yaml"
+    path.write_text(yaml.safe_dump(small))
+    done = run_figures(str(path), only=["01", "02", "03", "04", "05"], out_dir=tmp_path / "executed")
+    assert [p.name[:2] for p in done] == ["01", "02", "03", "04", "05"]
+
+    metrics = {n: json.loads((tmp_path / "figures" / f"{n}_metrics.json").read_text()) for n in ("01", "02", "03", "04", "05")}
+    models = tmp_path / "models"
+    assert "conditional 32" in metrics["01"]["tokenizers"]  # the published tokenizer, not one trained here
+    assert not (models / "tokenizer_conditional_32" / "run.json").exists()
+    assert list(metrics["02"]["models"]) == ["combined"] and metrics["02"]["vocab_size"] == 34
+    assert metrics["02"]["gpt_config"]["n_embd"] == 16 and metrics["02"]["models"]["combined"]["train_seconds"] == 0
+    assert metrics["03"]["backbone"] == str(models / "gpt_combined" / "gpt.safetensors")
+    assert metrics["04"]["gpt_path"] == str(models / "gpt_combined" / "gpt.safetensors")
+    assert metrics["05"]["num_codes"] == 32
+    assert json.loads((models / "published.json").read_text())["sources"]["backbone"].endswith(of.BACKBONE_NAME)
