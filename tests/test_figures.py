@@ -7,7 +7,7 @@ from omnijet_lib.io import OmnijetError
 
 
 def test_profiles_validate_against_notebooks():
-    for name in ("ci", "quick", "paper"):
+    for name in ("ci", "quick", "paper", "published"):
         plan = resolve_parameters(load_profile(name), notebooks())
         assert plan and all(isinstance(p, dict) for p in plan.values())
 
@@ -39,3 +39,16 @@ def test_bad_yaml_and_negative_values(tmp_path):
         resolve_parameters(load_profile(p), notebooks())
     with pytest.raises(OmnijetError, match="profile not found"):
         load_profile("no_such_profile")
+
+
+def test_dry_run_says_whether_the_published_checkpoints_are_there(tmp_path):
+    import official_format as of
+
+    from omnijet_lib.figures import estimate_cost
+
+    params = {"checkpoint_dir": str(tmp_path / "none"), "per_class": 10, "kinds": ["conditional"]}
+    lines = estimate_cost("01_token_quality", params)["lines"]
+    assert any(line.startswith("checkpoint_dir: MISSING") and "omnijet checkpoints fetch --dest" in line for line in lines)
+    of.fixture_archive(tmp_path / "ckpt")
+    lines = estimate_cost("01_token_quality", {**params, "checkpoint_dir": str(tmp_path / "ckpt")})["lines"]
+    assert any("published tokenizer and backbone found" in line for line in lines)

@@ -159,6 +159,12 @@ def test_study_end_to_end_and_resume(backbone, tmp_path):
     assert json.loads((runs[0] / "result.json").read_text())["settings"]["backbone"]
     again = run_transfer_study(seq, mask, y, split, **kw)          # all cached: identical
     assert again == results
+    # a cap per training size: the same runs for {20: 4, 40: 4}; another cap is another run
+    assert run_transfer_study(seq, mask, y, split, **{**kw, "max_epochs": {20: 4, 40: 4}}) == results
+    capped = run_transfer_study(seq, mask, y, split, **{**kw, "max_epochs": {20: 4, 40: 1}, "strategies": ["frozen"]})
+    assert [r["epochs"] for r in capped if r["size"] == 40] == [1]
+    with pytest.raises(OmnijetError, match=r"max_epochs: no cap for training size\(s\) \[40\]"):
+        run_transfer_study(seq, mask, y, split, **{**kw, "max_epochs": {20: 4}})
     table = summarize(results)
     assert set(table) == set(STRATEGIES) and set(table["frozen"]) == {20, 40}
     assert table["finetune"][20]["n_seeds"] == 1 and table["finetune"][20]["accuracy_std"] == 0
