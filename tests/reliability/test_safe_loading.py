@@ -152,15 +152,17 @@ def _sources():
 
 
 def test_no_unsafe_deserialisation_in_the_package_or_notebooks():
-    """Every ``torch.load`` passes ``weights_only=True``; no ``pickle.load(s)``; no
-    ``np.load(..., allow_pickle=True)``."""
+    """Every ``torch.load`` passes ``weights_only=True`` or the restricted unpickler of
+    omnijet_lib.official (``pickle_module=_RESTRICTED_PICKLE``, tested in test_official_checkpoints);
+    no ``pickle.load(s)``; no ``np.load(..., allow_pickle=True)``."""
     bad = []
     for path, src in _sources():
         for owner, attr, kw, line in _calls(ast.parse(src)):
             where = f"{path.relative_to(REPO)}:{line}"
             if owner == "torch" and attr == "load":
-                wo = kw.get("weights_only")
-                if not (isinstance(wo, ast.Constant) and wo.value is True):
+                wo, pm = kw.get("weights_only"), kw.get("pickle_module")
+                restricted = isinstance(pm, ast.Name) and pm.id == "_RESTRICTED_PICKLE"
+                if not (isinstance(wo, ast.Constant) and wo.value is True) and not restricted:
                     bad.append(f"{where} torch.load without weights_only=True")
             if owner in ("pickle", "cPickle", "dill", "joblib") and attr in ("load", "loads"):
                 bad.append(f"{where} {owner}.{attr}")
