@@ -14,9 +14,12 @@ is a section that names no notebook: a typo never silently falls back to a defau
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -117,8 +120,10 @@ def resolve_parameters(profile: dict, nbs: list[Path]) -> dict[Path, dict]:
 
 
 def run_figures(profile: str = "ci", only: list[str] | None = None, out_dir: Path | None = None,
-                dry_run: bool = False) -> list[Path]:
-    """Execute the notebooks in order; stop at the first failure naming notebook and cell."""
+                dry_run: bool = False, progress_every: float = 30.0) -> list[Path]:
+    """Execute the notebooks in order; stop at the first failure naming notebook and cell.
+    While a notebook runs, a line every ``progress_every`` seconds says which cell (n of N) and
+    for how long; the total comes at the end."""
     plan = resolve_parameters(load_profile(profile), notebooks())  # validate the whole profile
     if only:
         plan = {nb: p for nb, p in plan.items() if any(nb.stem.startswith(o) for o in only)}
@@ -128,7 +133,7 @@ def run_figures(profile: str = "ci", only: list[str] | None = None, out_dir: Pat
 
     out_dir = Path(out_dir or NOTEBOOKS / "executed")
     out_dir.mkdir(parents=True, exist_ok=True)
-    done, gpu_hours = [], 0.0
+    done, gpu_hours, t_all = [], 0.0, time.time()
     for nb, params in plan.items():
         print(f"[{nb.stem}] {', '.join(f'{k}={v}' for k, v in params.items()) or 'defaults'}", flush=True)
         if dry_run:  # what the run would need: data present?, sizes, steps, GPU hours
@@ -139,8 +144,9 @@ def run_figures(profile: str = "ci", only: list[str] | None = None, out_dir: Pat
         target = out_dir / nb.name
         t0 = time.time()
         try:
-            pm.execute_notebook(str(nb), str(target), parameters=params, cwd=str(NOTEBOOKS),
-                                kernel_name="python3", progress_bar=False, log_output=False)
+            with _Progress(nb.stem, target, every=progress_every), _kernel_config() as config:
+                pm.execute_notebook(str(nb), str(target), parameters=params, cwd=str(NOTEBOOKS),
+                                    kernel_name="python3", progress_bar=False, log_output=False, config=config)
         except pm.PapermillExecutionError as err:
             src = err.source.strip().splitlines()[0][:60] if err.source and err.source.strip() else ""
             raise OmnijetError(f"{nb.name}: cell {_source_cell(nb, err.cell_index, bool(params))} failed "
@@ -149,12 +155,69 @@ def run_figures(profile: str = "ci", only: list[str] | None = None, out_dir: Pat
         except Exception as err:  # kernel died, timeout, missing kernel, ...
             raise OmnijetError(f"{nb.name}: execution aborted ({type(err).__name__}: {_first_line(err)}); "
                                f"executed copy: {target}") from None
-        print(f"[{nb.stem}] done in {time.time() - t0:.0f} s", flush=True)
+        print(f"[{nb.stem}] done in {_clock(time.time() - t0)}", flush=True)
         done.append(target)
+    if done:
+        print(f"{len(done)} notebook(s) done in {_clock(time.time() - t_all)}", flush=True)
     if dry_run:
         print(f"total: ~{gpu_hours:.3g} GPU-hours of training and sampling (estimate; see GPU_JETS_PER_S "
               f"in omnijet_lib/figures.py for the assumed throughputs)")
     return done
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}:{s:02d} min" if m else f"{s} s"
+
+
+def progress_line(stem: str, executing: Path, elapsed: float) -> str:
+    """``[stem] cell n/N running, m:ss min elapsed`` from papermill's copy of the running notebook
+    (papermill saves it when a cell starts, marking it ``running``)."""
+    import json
+
+    try:
+        cells = [c for c in json.loads(executing.read_text())["cells"] if c["cell_type"] == "code"]
+    except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
+        return f"[{stem}] starting, {_clock(elapsed)} elapsed"
+    status = [c.get("metadata", {}).get("papermill", {}).get("status") for c in cells]
+    n = status.index("running") + 1 if "running" in status else status.count("completed")
+    return f"[{stem}] cell {n}/{len(cells)} running, {_clock(elapsed)} elapsed"
+
+
+class _Progress:
+    """Context manager: a thread printing :func:`progress_line` every ``every`` seconds."""
+
+    def __init__(self, stem: str, executing: Path, every: float = 30.0):
+        import threading
+
+        self.stem, self.executing, self.every = stem, executing, every
+        self.stop, self.t0 = threading.Event(), time.time()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop.wait(self.every):
+            print(progress_line(self.stem, self.executing, time.time() - self.t0), flush=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+@contextlib.contextmanager
+def _kernel_config():
+    """The kernel talks over local IPC sockets in a private temporary folder (no TCP, hence no
+    "running over TCP without encryption" warning); TCP remains on Windows."""
+    from traitlets.config import Config
+
+    if os.name == "nt":
+        yield Config()
+        return
+    with tempfile.TemporaryDirectory(prefix="omnijet-kernel-") as tmp:
+        yield Config({"KernelManager": {"transport": "ipc", "ip": str(Path(tmp) / "k")}})
 
 
 # --------------------------------------------------------------------------- dry-run cost estimate
@@ -198,8 +261,8 @@ def _data(params: dict, key: str = "data_files", classes=None) -> tuple[int, str
     files = params.get(key)
     want = None if classes is None else [class_index(c) for c in classes]
     if files is None:
-        from .data.datasets import data_root
-        from .data.simulate import SimulationConfig
+        from .io import data_root
+        from .simulation import SimulationConfig
 
         n = params.get("per_class", 300) * (10 if want is None else len(want))
         cache = data_root() / "simulated" / SimulationConfig(per_class=params.get("per_class", 300),

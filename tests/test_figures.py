@@ -52,3 +52,31 @@ def test_dry_run_says_whether_the_published_checkpoints_are_there(tmp_path):
     of.fixture_archive(tmp_path / "ckpt")
     lines = estimate_cost("01_token_quality", {**params, "checkpoint_dir": str(tmp_path / "ckpt")})["lines"]
     assert any("published tokenizer and backbone found" in line for line in lines)
+
+
+def test_progress_line_names_the_running_cell(tmp_path):
+    import json
+    import time
+
+    from omnijet_lib.figures import _Progress, progress_line
+
+    nb = tmp_path / "01.ipynb"
+    assert progress_line("01", nb, 5) == "[01] starting, 5 s elapsed"
+    cells = [{"cell_type": "markdown"}] + [
+        {"cell_type": "code", "metadata": {"papermill": {"status": s}}}
+        for s in ("completed", "completed", "running", "pending", "pending")]
+    nb.write_text(json.dumps({"cells": cells}))
+    assert progress_line("01", nb, 754) == "[01] cell 3/5 running, 12:34 min elapsed"
+    nb.write_text('{"cells": [')  # caught while papermill writes it
+    assert progress_line("01", nb, 61) == "[01] starting, 1:01 min elapsed"
+
+    lines = []
+    import builtins
+    real_print = builtins.print
+    builtins.print = lambda *a, **k: lines.append(" ".join(map(str, a)))
+    try:
+        with _Progress("01", nb, every=0.05):
+            time.sleep(0.3)
+    finally:
+        builtins.print = real_print
+    assert len(lines) >= 3 and all(line.startswith("[01] starting") for line in lines)

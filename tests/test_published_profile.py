@@ -2,6 +2,7 @@
 built from the tiny official-format fixtures (tests/official_format.py)."""
 
 import json
+import re
 
 import yaml
 
@@ -12,7 +13,7 @@ from omnijet_lib.figures import PARAMS, run_figures
 KEEP = {"checkpoint_dir", "kinds", "epic_config"}
 
 
-def test_published_profile_at_ci_size(tmp_path):
+def test_published_profile_at_ci_size(tmp_path, capfd):
     archive = of.fixture_archive(tmp_path / "checkpoints")
     profile = yaml.safe_load((PARAMS / "published.yaml").read_text())
     small = {section: {k: v for k, v in keys.items() if k in KEEP} for section, keys in profile.items()}
@@ -20,8 +21,11 @@ def test_published_profile_at_ci_size(tmp_path):
                            figures_dir=str(tmp_path / "figures"))
     path = tmp_path / "published_ci.yaml"
     path.write_text(yaml.safe_dump(small))
-    done = run_figures(str(path), only=["01", "02", "03", "04", "05"], out_dir=tmp_path / "executed")
+    done = run_figures(str(path), only=["01", "02", "03", "04", "05"], out_dir=tmp_path / "executed", progress_every=5)
     assert [p.name[:2] for p in done] == ["01", "02", "03", "04", "05"]
+    out, err = capfd.readouterr()  # progress while a notebook runs, the total, no kernel transport warning
+    assert re.search(r"\[04_epic_fm_comparison\] cell \d+/\d+ running, .* elapsed", out), out[-2000:]
+    assert "5 notebook(s) done in" in out and "without encryption" not in out + err
 
     metrics = {n: json.loads((tmp_path / "figures" / f"{n}_metrics.json").read_text()) for n in ("01", "02", "03", "04", "05")}
     models = tmp_path / "models"
