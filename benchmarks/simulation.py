@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from omnijet_lib.data import simulate as S  # noqa: E402
+from omnijet_lib import simulation as S  # noqa: E402
 from omnijet_lib.data.jetclass import CLASS_LABELS, write_jetclass  # noqa: E402
 
 

@@ -39,7 +39,7 @@ if mode == "stream":
     from omnijet_lib.tokenizers.streaming import tokenize_files
     n = tokenize_files(tok, files, out, chunk=chunk, device="cpu")["jets"]
 else:
-    from omnijet_lib.data.datasets import load_padded
+    from omnijet_lib.data.loading import load_padded
     from omnijet_lib.tokenizers import load_tokenizer, tokenize
     x, mask, labels = load_padded(files)
     n = int((tokenize(load_tokenizer(tok), x, mask) >= 0).any(1).size)

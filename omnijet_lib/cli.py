@@ -14,7 +14,7 @@ from .io import OmnijetError
 
 
 def _simulate(argv) -> int:
-    from .data.simulate import simulate_dataset
+    from .simulation import simulate_dataset
 
     ap = argparse.ArgumentParser(prog="omnijet simulate", description="Simulate JetClass-like jets "
                                  "(Pythia 8 + FastJet), one ROOT file per class.")

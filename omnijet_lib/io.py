@@ -1,4 +1,5 @@
-"""Atomic file writes and safe checkpoints (safetensors + JSON config).
+"""The bottom layer: atomic file writes, safe checkpoints (safetensors + JSON config), model
+save/load, where data lives (:func:`data_root`) and which device runs (:func:`default_device`).
 
 Every output of the suite goes through :func:`atomic_path`: the data is written to a temporary
 file in the destination folder and renamed into place, so an interrupted run never leaves a
@@ -8,6 +9,7 @@ half-written file that looks complete, and an existing file survives a failed re
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -16,6 +18,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 __all__ = [
+    "REPO",
+    "data_root",
+    "default_device",
+    "save_model",
+    "load_model",
     "OmnijetError",
     "atomic_path",
     "write_json",
@@ -23,6 +30,21 @@ __all__ = [
     "load_checkpoint",
     "safe_torch_load",
 ]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path:
+    """Cache folder for simulated data, tokens and models: ``$OMNIJET_DATA`` or ``<repo>/data``."""
+    return Path(os.environ.get("OMNIJET_DATA", REPO / "data"))
+
+
+def default_device() -> str:
+    """``"cuda"`` when a GPU is present, else ``"cpu"``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class OmnijetError(Exception):
@@ -134,3 +156,47 @@ def safe_torch_load(path: str | os.PathLike, device: str = "cpu") -> Any:
     except Exception as err:  # truncated zip, empty file, not a pickle at all, ...
         first = str(err).split(". ")[0].strip() or "empty or truncated file"
         raise OmnijetError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {first})") from None
+
+
+def save_model(path: str | os.PathLike, model, **extra_config) -> Path:
+    """Save ``model.state_dict()`` as safetensors; ``model.config`` (a dataclass) goes into the
+    metadata together with ``extra_config`` (e.g. tokenizer settings)."""
+    cfg = dataclasses.asdict(model.config) if dataclasses.is_dataclass(getattr(model, "config", None)) else {}
+    cfg = {"class": type(model).__name__, "config": cfg, **extra_config}
+    return save_checkpoint(path, dict(model.state_dict()), cfg)
+
+
+_MISSING = object()
+
+
+def load_model(path: str | os.PathLike, model_cls, config_cls=None, device: str = "cpu", **expect):
+    """Rebuild ``model_cls(config_cls(**saved_config))`` and load its weights.
+
+    ``expect`` lists config values that must match (e.g. ``vocab_size=8194``); a mismatch, a
+    different model class or missing/unexpected weights raise an error naming the problem.
+    """
+    tensors, meta = load_checkpoint(path, device=device)
+    saved_cls = meta.get("class")
+    if saved_cls and saved_cls != model_cls.__name__:
+        raise OmnijetError(f"{path}: holds a {saved_cls}, expected a {model_cls.__name__}")
+    raw = meta.get("config", {})
+    for k, v in expect.items():  # in the model config or in the extra config (save_model kwargs)
+        have = raw[k] if k in raw else meta.get(k, _MISSING)
+        if have is _MISSING:
+            raise OmnijetError(f"{path}: {k} is not recorded in the checkpoint, cannot check it is {v}")
+        if have != v:
+            raise OmnijetError(f"{path}: {k} is {have} in the checkpoint but {v} is expected")
+    try:
+        config = config_cls(**raw) if config_cls is not None else None
+    except TypeError as err:  # saved by another version of the model (renamed/removed fields)
+        raise OmnijetError(f"{path}: saved config does not fit {config_cls.__name__} ({err})") from None
+    model = model_cls(config) if config is not None else model_cls()
+    own = model.state_dict()
+    wrong = [k for k, v in own.items() if k in tensors and tensors[k].shape != v.shape]
+    if wrong:
+        raise OmnijetError(f"{path}: tensor shapes differ from the config for {wrong[:5]}")
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise OmnijetError(f"{path}: weights do not match {model_cls.__name__} "
+                           f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    return model.to(device), meta

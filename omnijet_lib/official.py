@@ -48,12 +48,11 @@ import yaml
 
 from .data.download import download_file, extract_archive
 from .data.features import ANGLE_SCALE, FEATURE_NAMES, PT_SHIFT, REL_CUT
-from .io import OmnijetError, write_json
+from .io import OmnijetError, save_model, write_json
 from .models.classifier import GPTClassifier
 from .models.gpt import GPT, GPTConfig
 from .tokenizers.base import save_tokenizer
 from .tokenizers.vqvae import VQVAE, VQVAEConfig
-from .training.fit import save_model
 
 log = logging.getLogger(__name__)
 

@@ -52,9 +52,9 @@ from typing import Sequence
 import awkward as ak
 import numpy as np
 
-from ..observables import quiet_fastjet
-from ..io import OmnijetError, write_json
-from .jetclass import CLASS_FILE_PREFIXES, CLASS_LABELS, class_index, make_jets, write_jetclass
+from .observables import quiet_fastjet
+from .io import OmnijetError, write_json
+from .data.jetclass import CLASS_FILE_PREFIXES, CLASS_LABELS, class_index, make_jets, write_jetclass
 
 log = logging.getLogger(__name__)
 
@@ -438,7 +438,7 @@ def _jet_extras(counts, px, py, pz, e, soft_drop: bool) -> dict:
     ``jet_sdmass`` (soft drop beta = 0, z_cut = 0.1, R0 = 0.8 on a C/A reclustering)."""
     import fastjet
 
-    from ..observables import nsubjettiness
+    from .observables import nsubjettiness
 
     n = len(counts)
     if n == 0:
@@ -673,7 +673,7 @@ def _chunk_name(label: int, chunk: int) -> str:
 
 
 def _save_chunk(path: Path, res: dict) -> None:
-    from ..io import atomic_path
+    from .io import atomic_path
 
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -690,7 +690,7 @@ def default_dataset(per_class: int, seed: int = 1, root=None, workers: int = 2,
     """The cached embedded dataset: ``<root or $OMNIJET_DATA or <repo>/data>/simulated/<key>/``,
     simulated on first use (the key hashes every setting and the code versions). ``classes``:
     simulate only these (files are per class, so other classes can be added later)."""
-    from .datasets import data_root
+    from .io import data_root
 
     cfg = SimulationConfig(per_class=per_class, seed=seed, workers=workers)
     out = Path(root) if root is not None else data_root()
@@ -711,8 +711,8 @@ def validation_table(sim_dir, real_path) -> list[dict]:
 
     ``sim_dir`` is a folder of simulated files (or a glob / list); ``real_path`` a JetClass file.
     """
-    from ..observables import jet_mass, multiplicity
-    from .jetclass import read_jetclass
+    from .observables import jet_mass, multiplicity
+    from .data.jetclass import read_jetclass
 
     sim_files = str(Path(sim_dir) / "*.root") if Path(str(sim_dir)).is_dir() else sim_dir
     sim, real = read_jetclass(sim_files), read_jetclass(real_path)
@@ -746,7 +746,7 @@ def format_validation_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m omnijet_lib.data.simulate OUT PER_CLASS [WORKERS]
+if __name__ == "__main__":  # python -m omnijet_lib.simulation OUT PER_CLASS [WORKERS]
     import sys
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

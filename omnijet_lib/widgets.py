@@ -12,7 +12,7 @@ a heavily loaded 2-core CPU). An ``Image`` rather than an
 
 Token blob (paper figure 3): a conditional VQ-VAE decodes a token differently in every jet, so
 each token is decoded ``n_samples`` times, each time among ``n_context`` randomly drawn codebook
-tokens (:func:`omnijet_lib.tokenizers.evaluation.token_blobs`). Unconditional and binned tokens
+tokens (:func:`omnijet_lib.studies.tokens.token_blobs`). Unconditional and binned tokens
 decode to a single point.
 """
 
@@ -31,7 +31,7 @@ from .data.features import constituent_features, to_padded
 from .data.jetclass import CLASS_NAMES
 from .io import OmnijetError
 from .tokenizers.base import reconstruct, tokenize
-from .tokenizers.evaluation import observables_of, to_physical, token_blobs
+from .studies.tokens import observables_of, to_physical, token_blobs
 
 __all__ = ["cached_blobs", "parse_token_ids", "TokenExplorer"]
 
@@ -47,7 +47,7 @@ _BLOB_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # --------------------------------------------------------------------------- computation
 def cached_blobs(tokenizer, n_samples: int = 500, n_context: int = 50, seed: int = 0,
                  batch_size: int = 1024) -> np.ndarray:
-    """:func:`~omnijet_lib.tokenizers.evaluation.token_blobs` of the whole codebook,
+    """:func:`~omnijet_lib.studies.tokens.token_blobs` of the whole codebook,
     ``(K, S, 3)`` scaled features, decoded once per tokenizer and settings (module cache)."""
     key = (n_samples, n_context, seed)
     cache = _BLOB_CACHE.setdefault(tokenizer, {})

@@ -9,7 +9,7 @@ from omnijet_lib.data import (
     padded_to_jagged, read_jetclass, to_padded, write_jetclass,
 )
 from omnijet_lib.data import jetclass
-from omnijet_lib.data.datasets import _entry_ranges
+from omnijet_lib.data.loading import _entry_ranges
 from omnijet_lib.io import OmnijetError
 from omnijet_lib.observables import jet_mass
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from omnijet_lib.generation import classifier_test, decode_generated, ensure_gpt, w1_scores
+from omnijet_lib.studies.generation import classifier_test, decode_generated, ensure_gpt, w1_scores
 from omnijet_lib.io import OmnijetError
 from omnijet_lib.models.gpt import GPTConfig
 from omnijet_lib.tokenizers import reconstruct, tokenize

@@ -12,7 +12,7 @@ import pytest
 import uproot
 
 from omnijet_lib.data import read_jetclass
-from omnijet_lib.data import simulate as S
+from omnijet_lib import simulation as S
 from omnijet_lib.data.jetclass import JET_BRANCHES, LABEL_BRANCHES, PART_BRANCHES
 from omnijet_lib.io import OmnijetError
 from omnijet_lib.observables import jet_mass

@@ -1,4 +1,4 @@
-"""Token-quality evaluation helpers (tokenizers/evaluation.py) and the Transformer jet classifier."""
+"""Token-quality evaluation helpers (studies/tokens.py) and the Transformer jet classifier."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ from omnijet_lib.io import OmnijetError
 from omnijet_lib.models.normformer import TransformerClassifier, TransformerClassifierConfig
 from omnijet_lib.tokenizers import BinnedConfig, BinnedTokenizer, VQVAE, VQVAEConfig
 from conftest import randomise_
-from omnijet_lib.tokenizers.evaluation import (blob_spread, classifier_accuracy, codebook_usage, gaussian_fit,
+from omnijet_lib.studies.tokens import (blob_spread, classifier_accuracy, codebook_usage, gaussian_fit,
                                                resolution_table, to_physical, token_blobs)
 from omnijet_lib.tokenizers.base import TokenizerMixin
 
@@ -149,7 +149,7 @@ def test_classifier_accuracy_learns_a_separable_task(arch, kw):
 
 
 def test_load_or_train_tokenizer_saves_then_reuses(tmp_path):
-    from omnijet_lib.tokenizers.evaluation import load_or_train_tokenizer, tokenizer_dir
+    from omnijet_lib.studies.tokens import load_or_train_tokenizer, tokenizer_dir
 
     rng = np.random.default_rng(0)
     x = rng.normal(0, 1, (20, 5, 3)).astype(np.float32)

@@ -10,11 +10,9 @@ import torch
 from omnijet_lib.io import OmnijetError
 from omnijet_lib.models.classifier import GPTClassifier
 from omnijet_lib.models.gpt import GPT, GPTConfig
-from omnijet_lib.training.fit import save_model
-from omnijet_lib.training.transfer import (
-    STRATEGIES, available_sizes, make_transfer_model, paper_patience, run_transfer_study, summarize,
-    train_transfer, training_subset, transfer_split,
-)
+from omnijet_lib.io import save_model
+from omnijet_lib.studies.transfer import available_sizes, run_transfer_study, summarize, training_subset, transfer_split
+from omnijet_lib.training.transfer import STRATEGIES, make_transfer_model, paper_patience, train_transfer
 
 K = 8                    # toy codebook: vocabulary K + 2 = 10, start 0, stop 9
 TINY = GPTConfig(vocab_size=K + 2, n_embd=16, n_head=2, n_layer=1, ffn=32)
@@ -193,7 +191,7 @@ def test_paper_patience():
 
 
 def test_ensure_backbone_trains_once_then_reuses(tmp_path):
-    from omnijet_lib.training.transfer import ensure_backbone
+    from omnijet_lib.studies.transfer import ensure_backbone
 
     rng = np.random.default_rng(0)
     mask = np.arange(16)[None, :] < rng.integers(4, 16, 48)[:, None]

@@ -1,6 +1,6 @@
-"""Data I/O: the JetClass schema, constituent features, download and simulation."""
+"""Data I/O: the JetClass schema, constituent features, reading, download and token shards."""
 
-from .datasets import data_root, dataset_files, load_dataset, load_padded, real_sample_path
+from .loading import load_padded, real_sample_path
 from .download import download_archive, download_jetclass, extract_archive
 from .features import (
     FEATURE_NAMES,
@@ -23,6 +23,6 @@ from .jetclass import (
 
 __all__ = [
     "CLASS_FILE_PREFIXES", "CLASS_LABELS", "CLASS_NAMES", "FEATURE_NAMES", "MAX_CONSTITUENTS",
-    "class_index", "download_archive", "download_jetclass", "extract_archive", "data_root", "dataset_files", "load_dataset", "load_padded", "real_sample_path", "constituent_features", "features_to_p4", "iter_jetclass", "make_jets",
+    "class_index", "download_archive", "download_jetclass", "extract_archive", "load_padded", "real_sample_path", "constituent_features", "features_to_p4", "iter_jetclass", "make_jets",
     "padded_to_jagged", "read_jetclass", "to_padded", "write_jetclass",
 ]

@@ -1,52 +1,24 @@
-"""Where notebooks get their jets: the embedded simulated default, or any JetClass-schema files."""
+"""JetClass-schema files straight into padded arrays (:func:`load_padded`), and the real 500-jet sample."""
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
-import awkward as ak
 import numpy as np
 
-from ..io import OmnijetError
+from ..io import REPO, OmnijetError
 from .features import MAX_CONSTITUENTS, flat_features, pad_into
 from .jetclass import (LABEL_BRANCHES, _REQUIRED, _expand, _flat_constituents, _labels_from_tree, _open_tree,
-                       _read_range, class_index, read_jetclass)
+                       _read_range, class_index)
 
-__all__ = ["REPO", "data_root", "real_sample_path", "dataset_files", "load_dataset", "load_padded"]
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def data_root() -> Path:
-    """Cache folder for simulated data, tokens and models: ``$OMNIJET_DATA`` or ``<repo>/data``."""
-    return Path(os.environ.get("OMNIJET_DATA", REPO / "data"))
+__all__ = ["real_sample_path", "load_padded"]
 
 
 def real_sample_path() -> Path | None:
     """The 500 real JetClass jets shipped beside the repository (``../shared``), if present."""
     p = REPO.parent / "shared" / "data" / "jetclass_real_500.root"
     return p if p.is_file() else None
-
-
-def load_dataset(data_files=None, per_class: int = 300, seed: int = 1, classes=None,
-                 max_jets: int | None = None, workers: int = 2) -> ak.Array:
-    """Jets from ``data_files`` (path, glob or list of JetClass-schema files) or, when ``None``,
-    from the embedded Pythia 8 simulation (``per_class`` jets per class, cached by settings; only
-    ``classes`` are simulated when given)."""
-    return read_jetclass(dataset_files(data_files, per_class, seed, workers, classes), classes=classes,
-                         max_jets=max_jets)
-
-
-def dataset_files(data_files=None, per_class: int = 300, seed: int = 1, workers: int = 2, classes=None):
-    """``data_files`` as given, or the glob of the embedded simulation (simulated on first use;
-    ``classes``: only these)."""
-    if data_files is not None:
-        return data_files
-    from .simulate import default_dataset
-
-    return str(default_dataset(per_class=per_class, seed=seed, workers=workers, classes=classes) / "*.root")
 
 
 LOAD_CHUNK = 20_000  # jets per task: temporaries stay in the tens of MB, threads stay busy

@@ -96,7 +96,7 @@ class GPTClassifier(nn.Module):
         GPT's vocabulary; ``backbone_config``, when given, must equal the checkpoint's config.
         Any mismatch raises :class:`OmnijetError` naming the file and what differs.
         """
-        from ..training.fit import load_model
+        from ..io import load_model
 
         saved = dataclasses.asdict(backbone_config_of(gpt_path))
         if tokenizer_vocab is not None and saved["vocab_size"] != tokenizer_vocab:

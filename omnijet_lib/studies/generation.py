@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import OmnijetError
+from ..io import OmnijetError
 
 __all__ = ["decode_generated", "ensure_gpt", "classifier_test", "w1_scores", "time_generation"]
 
@@ -29,7 +29,7 @@ def decode_generated(tok, seq, mask=None, max_len: int = 128) -> tuple[np.ndarra
 
     Each row is read up to its first stop token (``mask`` is accepted for symmetry with
     :meth:`GPT.generate` and only checked for shape); a jet whose stop came first is empty."""
-    from .tokenizers import reconstruct
+    from ..tokenizers import reconstruct
 
     seq = np.asarray(seq)
     if mask is not None and np.shape(mask) != seq.shape:
@@ -52,7 +52,7 @@ def ensure_gpt(path, seq, seq_mask, config, epochs: int, batch_size: int = 256, 
 
     A model with another configuration (e.g. another vocabulary) in that folder is replaced,
     together with its checkpoints, so that training does not resume from it."""
-    from .training.gpt import load_gpt, train_gpt
+    from ..training.gpt import load_gpt, train_gpt
 
     path = Path(path)
     if path.is_file():
@@ -91,9 +91,9 @@ def classifier_test(real_x, real_mask, gen_x, gen_mask, seeds=(0, 1, 2), epochs:
     with the lowest validation loss are kept) and evaluated on the test set. Returns
     ``{"auc_mean", "auc_std", "aucs", "n_per_sample"}``; an AUC near 0.5 means the classifier
     cannot tell the samples apart."""
-    from .metrics import roc_auc
-    from .models.deepsets import DeepSets, DeepSetsConfig
-    from .training.classifier import predict_proba, split_indices, train_classifier
+    from ..metrics import roc_auc
+    from ..models.deepsets import DeepSets, DeepSetsConfig
+    from ..training.classifier import predict_proba, split_indices, train_classifier
 
     n = min(len(real_x), len(gen_x))
     if n < 5:
@@ -122,8 +122,8 @@ def w1_scores(real_x, real_mask, gen_x, gen_mask, real_obs: dict | None = None, 
     """Wasserstein-1 distances generated vs real: jet mass (GeV, JetNet-style mean ± std over
     resampled batches), each constituent feature (scaled units), and, when observables dicts
     are given, every jet observable they share (plain W1 on the full samples)."""
-    from .data.features import FEATURE_NAMES
-    from .metrics import jet_mass, w1, w1m, w1p
+    from ..data.features import FEATURE_NAMES
+    from ..metrics import jet_mass, w1, w1m, w1p
 
     mass_r = real_obs["mass"] if real_obs is not None else jet_mass(real_x, real_mask)
     mass_g = gen_obs["mass"] if gen_obs is not None else jet_mass(gen_x, gen_mask)

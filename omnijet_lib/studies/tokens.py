@@ -21,7 +21,7 @@ import torch
 from ..data.features import ANGLE_SCALE, PT_SHIFT, features_to_p4
 from ..data.jetclass import CLASS_LABELS
 from ..io import OmnijetError
-from .base import reconstruct
+from ..tokenizers.base import reconstruct
 
 __all__ = ["token_blobs", "to_physical", "blob_spread", "gaussian_fit", "resolution_table", "observables_of",
            "codebook_usage", "classifier_accuracy", "RESOLUTION_OBSERVABLES", "tokenizer_dir", "load_or_train_tokenizer"]
@@ -223,7 +223,7 @@ def load_or_train_tokenizer(models_dir, kind: str, num_codes: int, x, mask, epoc
     import time
 
     from ..training.vqvae import train_tokenizer
-    from .base import load_tokenizer
+    from ..tokenizers.base import load_tokenizer
 
     out = tokenizer_dir(models_dir, kind, num_codes)
     path = out / "tokenizer.safetensors"

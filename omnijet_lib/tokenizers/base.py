@@ -172,15 +172,14 @@ def reconstruct(tokenizer, tokens, mask=None, batch_size: int = 1024) -> np.ndar
 # --------------------------------------------------------------------------- save / load
 def save_tokenizer(path: str | os.PathLike, tok) -> Path:
     """Weights as safetensors, the dataclass config (with ``kind``) as metadata; atomic."""
-    from ..training.fit import save_model
+    from ..io import save_model
 
     return save_model(path, tok, kind=tok.kind, num_codes=tok.num_codes)
 
 
 def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild any tokenizer written by :func:`save_tokenizer` (eval mode)."""
-    from ..io import load_checkpoint
-    from ..training.fit import load_model
+    from ..io import load_checkpoint, load_model
     from .binned import BinnedConfig, BinnedTokenizer
     from .vqvae import VQVAE, VQVAEConfig
 

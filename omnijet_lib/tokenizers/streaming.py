@@ -75,7 +75,7 @@ def tokenize_files(tokenizer: str | os.PathLike, inputs, out_dir: str | os.PathL
     manifest (also in ``out_dir/manifest.json``).
     """
     from ..data.jetclass import _expand, _open_tree, class_index
-    from ..training.fit import default_device
+    from ..io import default_device
     from .base import load_tokenizer
 
     if chunk <= 0 or max_len <= 0 or batch_size <= 0:

@@ -3,7 +3,7 @@
 * Resume state (weights, optimiser, schedule, step) lives in ``<out_dir>/last.ckpt`` and is
   reloaded with ``torch.load(weights_only=True)``; a rerun of the same call continues from it.
 * The trained model is exported as ``<out_dir>/model.safetensors`` with its dataclass config,
-  loadable with :func:`load_model` without unpickling anything.
+  loadable with :func:`omnijet_lib.io.load_model` without unpickling anything.
 * ``devices``/``num_nodes``/``strategy``/``precision`` go straight to Lightning, so the same
   call runs on a laptop CPU, a GPU or a DDP cluster.
 """
@@ -20,17 +20,11 @@ from typing import Any
 
 import torch
 
-from ..io import OmnijetError, atomic_path, load_checkpoint, safe_torch_load, save_checkpoint
+from ..io import OmnijetError, atomic_path, safe_torch_load
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "OFFICIAL_PROCEDURE", "default_device", "fit", "save_model", "load_model",
-           "epoch_lr_scheduler", "first_epoch_factor"]
-
-
-def default_device() -> str:
-    """``"cuda"`` when a GPU is present, else ``"cpu"``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+__all__ = ["TrainConfig", "OFFICIAL_PROCEDURE", "fit", "epoch_lr_scheduler", "first_epoch_factor"]
 
 
 @dataclass
@@ -222,48 +216,3 @@ def rank_aware_loaders(*loaders):
                         obj.num_replicas, obj.rank = trainer.world_size, trainer.global_rank
 
     return RankAwareLoaders()
-
-
-# --------------------------------------------------------------------------- model export
-def save_model(path: str | os.PathLike, model: torch.nn.Module, **extra_config) -> Path:
-    """Save ``model.state_dict()`` as safetensors; ``model.config`` (a dataclass) goes into the
-    metadata together with ``extra_config`` (e.g. tokenizer settings)."""
-    cfg = dataclasses.asdict(model.config) if dataclasses.is_dataclass(getattr(model, "config", None)) else {}
-    cfg = {"class": type(model).__name__, "config": cfg, **extra_config}
-    return save_checkpoint(path, dict(model.state_dict()), cfg)
-
-
-_MISSING = object()
-
-
-def load_model(path: str | os.PathLike, model_cls, config_cls=None, device: str = "cpu", **expect):
-    """Rebuild ``model_cls(config_cls(**saved_config))`` and load its weights.
-
-    ``expect`` lists config values that must match (e.g. ``vocab_size=8194``); a mismatch, a
-    different model class or missing/unexpected weights raise an error naming the problem.
-    """
-    tensors, meta = load_checkpoint(path, device=device)
-    saved_cls = meta.get("class")
-    if saved_cls and saved_cls != model_cls.__name__:
-        raise OmnijetError(f"{path}: holds a {saved_cls}, expected a {model_cls.__name__}")
-    raw = meta.get("config", {})
-    for k, v in expect.items():  # in the model config or in the extra config (save_model kwargs)
-        have = raw[k] if k in raw else meta.get(k, _MISSING)
-        if have is _MISSING:
-            raise OmnijetError(f"{path}: {k} is not recorded in the checkpoint, cannot check it is {v}")
-        if have != v:
-            raise OmnijetError(f"{path}: {k} is {have} in the checkpoint but {v} is expected")
-    try:
-        config = config_cls(**raw) if config_cls is not None else None
-    except TypeError as err:  # saved by another version of the model (renamed/removed fields)
-        raise OmnijetError(f"{path}: saved config does not fit {config_cls.__name__} ({err})") from None
-    model = model_cls(config) if config is not None else model_cls()
-    own = model.state_dict()
-    wrong = [k for k, v in own.items() if k in tensors and tensors[k].shape != v.shape]
-    if wrong:
-        raise OmnijetError(f"{path}: tensor shapes differ from the config for {wrong[:5]}")
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise OmnijetError(f"{path}: weights do not match {model_cls.__name__} "
-                           f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
-    return model.to(device), meta

@@ -17,10 +17,10 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from ..io import OmnijetError
+from ..io import OmnijetError, load_model, save_model
 from ..models.gpt import GPT, GPTConfig
 from .batching import PaddedDataset, make_loader
-from .fit import TrainConfig, epoch_lr_scheduler, first_epoch_factor, fit, load_model, save_model
+from .fit import TrainConfig, epoch_lr_scheduler, first_epoch_factor, fit
 
 __all__ = ["GPTModule", "train_gpt", "load_gpt", "check_sequences"]
 

@@ -24,12 +24,12 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from ..io import OmnijetError, write_json
+from ..io import OmnijetError, default_device, write_json
 from ..tokenizers.base import TOKENIZER_KINDS, save_tokenizer
 from ..tokenizers.binned import BinnedConfig, BinnedTokenizer
 from ..tokenizers.vqvae import VQVAE, VQVAEConfig
 from .batching import PaddedDataset, make_loader
-from .fit import TrainConfig, default_device, epoch_lr_scheduler, fit
+from .fit import TrainConfig, epoch_lr_scheduler, fit
 
 log = logging.getLogger(__name__)
 

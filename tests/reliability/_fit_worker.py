@@ -18,7 +18,8 @@ from omnijet_lib.models.deepsets import DeepSets, DeepSetsConfig
 from omnijet_lib.training import TrainConfig
 from omnijet_lib.training.batching import PaddedDataset, make_loader
 from omnijet_lib.training.classifier import ClassifierModule
-from omnijet_lib.training.fit import fit, save_model
+from omnijet_lib.io import save_model
+from omnijet_lib.training.fit import fit
 
 EPOCHS, N_JETS, BATCH = 6, 256, 32
 

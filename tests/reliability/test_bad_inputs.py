@@ -31,7 +31,7 @@ from omnijet_lib.data import (
 )
 from omnijet_lib.data import download as dl
 from omnijet_lib.io import OmnijetError, atomic_path, load_checkpoint, save_checkpoint, write_json
-from omnijet_lib.training.fit import load_model, save_model
+from omnijet_lib.io import load_model, save_model
 
 from .conftest import copy_as_ttree, one_line_error, random_jets
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from omnijet_lib.training.fit import load_model, save_model
+from omnijet_lib.io import load_model, save_model
 
 from .conftest import one_line_error
 

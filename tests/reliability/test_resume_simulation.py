@@ -20,7 +20,7 @@ from omnijet_lib.data import read_jetclass
 
 from .conftest import PYTHON, snapshot
 
-pytest.importorskip("omnijet_lib.data.simulate")
+pytest.importorskip("omnijet_lib.simulation")
 
 ARGS = ["--per-class", "4", "--seed", "5", "--workers", "1", "--classes", "QCD", "Wqq"]
 

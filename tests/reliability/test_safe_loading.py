@@ -19,7 +19,7 @@ import torch
 
 from omnijet_lib.io import load_checkpoint, safe_torch_load
 from omnijet_lib.training import TrainConfig
-from omnijet_lib.training.fit import load_model
+from omnijet_lib.io import load_model
 
 from .conftest import REPO, one_line_error, snapshot
 from .test_bad_inputs import TinyConfig, TinyNet

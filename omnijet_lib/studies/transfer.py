@@ -1,0 +1,281 @@
+"""The transfer-learning study of notebook 03 (paper figure 7): balanced splits, the grid of
+training sizes x strategies x seeds over :func:`omnijet_lib.training.transfer.train_transfer`,
+summaries, and the backbone it starts from.
+
+:func:`run_transfer_study` leaves a ``result.json`` per finished run keyed by its settings, so an
+interrupted study resumes where it stopped (and an unfinished run from its ``last.ckpt``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..io import OmnijetError, write_json
+from ..models.classifier import backbone_config_of
+from ..models.gpt import GPTConfig
+from ..training.fit import TrainConfig
+from ..training.gpt import check_sequences
+from ..training.transfer import STRATEGIES, evaluate, paper_patience, train_transfer
+
+__all__ = ["binary_features", "transfer_split", "training_subset", "available_sizes", "run_transfer_study",
+           "summarize", "ensure_backbone"]
+
+#: Enters every run's settings hash: bump it when a change to the model or the training makes
+#: cached ``result.json`` files of earlier runs invalid.
+STUDY_VERSION = 2
+
+
+def binary_features(jets, signal="Tbqq", background="QCD"):
+    """Padded features of the jets of two classes: ``(x (N,128,3), mask (N,128), y (N,), index)``
+    with ``y = 1`` for ``signal``; ``index`` points into ``jets``."""
+    from ..data import class_index, constituent_features, to_padded
+
+    s, b = class_index(signal), class_index(background)
+    if s == b:
+        raise OmnijetError(f"signal and background are the same class ({signal!r})")
+    labels = np.asarray(jets.label)
+    index = np.flatnonzero((labels == s) | (labels == b))
+    for c, name in ((s, signal), (b, background)):
+        if not (labels == c).any():
+            raise OmnijetError(f"no {name!r} jets in the data (classes present: {sorted(set(labels.tolist()))})")
+    x, mask = to_padded(constituent_features(jets[index]))
+    return x, mask, (labels[index] == s).astype(np.int64), index
+
+
+def _take_balanced(idx: np.ndarray, y: np.ndarray, n: int, rng, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` indices out of ``idx`` with n/2 per class (random); returns (taken, rest)."""
+    if n % 2:
+        raise OmnijetError(f"{what}: {n} jets cannot be split evenly between the two classes (use an even number)")
+    taken = []
+    for c in (0, 1):
+        cand = idx[y[idx] == c]
+        if len(cand) < n // 2:
+            raise OmnijetError(f"{what}: needs {n // 2} jets of class {c}, only {len(cand)} available "
+                               f"(more data, or smaller sizes)")
+        taken.append(rng.choice(cand, n // 2, replace=False))
+    taken = np.sort(np.concatenate(taken))
+    return taken, np.setdiff1d(idx, taken)
+
+
+def transfer_split(y, n_test: int, n_val: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Fixed balanced ``test`` and ``val`` sets and the ``pool`` of the remaining jets, from which
+    every training set is drawn (:func:`training_subset`)."""
+    y = np.asarray(y)
+    if n_test < 2 or n_val < 2:
+        raise OmnijetError(f"test and validation sets need at least 2 jets each, got {n_test} and {n_val}")
+    rng = np.random.default_rng([seed, 8])
+    test, rest = _take_balanced(np.arange(len(y)), y, n_test, rng, "test set")
+    val, pool = _take_balanced(rest, y, n_val, rng, "validation set")
+    return {"test": test, "val": val, "pool": pool}
+
+
+def training_subset(y, pool, n: int, seed: int) -> np.ndarray:
+    """A balanced training set of ``n`` jets from ``pool``; nested in ``n`` for a fixed seed
+    (the first n/2 of a per-class permutation), so larger sets contain the smaller ones."""
+    y, pool = np.asarray(y), np.asarray(pool)
+    if n % 2:
+        raise OmnijetError(f"training size {n}: must be even (balanced classes)")
+    rng = np.random.default_rng([seed, 80])
+    out = []
+    for c in (0, 1):
+        cand = rng.permutation(pool[y[pool] == c])
+        if len(cand) < n // 2:
+            raise OmnijetError(f"training size {n}: needs {n // 2} jets of class {c}, the pool has {len(cand)}")
+        out.append(cand[: n // 2])
+    return np.sort(np.concatenate(out))
+
+
+def available_sizes(y, pool, sizes) -> tuple[list[int], list[int]]:
+    """``(sizes that fit, sizes that do not)``: a balanced training set of n jets needs n/2 jets
+    of each class in the ``pool``."""
+    y, pool = np.asarray(y), np.asarray(pool)
+    room = 2 * min(int((y[pool] == 0).sum()), int((y[pool] == 1).sum()))
+    return [int(n) for n in sizes if n <= room], [int(n) for n in sizes if n > room]
+
+
+# ---------------------------------------------------------------------------- one run
+def _digest(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.dtype, a.shape)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _file_digest(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_transfer_study(seq, mask, y, split: dict, sizes, seeds, backbone_path, tokenizer_vocab: int | None = None,
+                       out_dir=None, strategies=STRATEGIES, max_epochs: int | dict = 100, patience: int | None = None,
+                       lr: float = 1e-4, lr_scratch: float | None = None, weight_decay: float = 1e-2,
+                       batch_size: int = 64, trainer: dict | None = None, keep_checkpoints: bool = False,
+                       progress=print) -> list[dict]:
+    """Train every (size, strategy, seed) on a balanced training set drawn from ``split["pool"]``
+    (the same set for the three strategies of a seed), early-stop on ``split["val"]`` and
+    evaluate on ``split["test"]``.
+
+    Returns one dict per run: size, strategy, seed, test ``accuracy``, ``auc`` and
+    ``test_loss``, the best ``val_loss``, ``epochs`` trained, ``best_epoch``, ``train_seconds``. With ``out_dir`` each run works in its own
+    folder named by size/strategy/seed and a hash of everything that determines it; a finished
+    run's ``result.json`` is reused by a rerun, checkpoints are deleted unless
+    ``keep_checkpoints``. ``lr_scratch`` (default ``lr``) is the from-scratch learning rate.
+    ``max_epochs`` caps every run, or is ``{size: cap}`` (e.g. fewer epochs for larger sets on a CPU).
+    """
+    backbone_path = Path(backbone_path)
+    bcfg = backbone_config_of(backbone_path)
+    tokenizer_vocab = tokenizer_vocab or bcfg.vocab_size
+    seq, mask = check_sequences(seq, mask, tokenizer_vocab, bcfg.max_len)
+    y = np.asarray(y).astype(np.int64)
+    if len(y) != len(seq):
+        raise OmnijetError(f"labels: {len(y)} entries for {len(seq)} sequences")
+    sizes = [int(s) for s in sizes]
+    if not sizes:
+        raise OmnijetError("no training sizes to run (none given, or none fits the training pool)")
+    caps = {int(k): v for k, v in max_epochs.items()} if isinstance(max_epochs, dict) else dict.fromkeys(sizes, max_epochs)
+    if set(sizes) - set(caps):
+        raise OmnijetError(f"max_epochs: no cap for training size(s) {sorted(set(sizes) - set(caps))} (given for {sorted(caps)})")
+    if not all(isinstance(c, int) and c >= 1 for c in caps.values()):
+        raise OmnijetError(f"max_epochs: caps must be positive integers, got {max_epochs}")
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise OmnijetError(f"strategy {s!r} is unknown, expected one of {', '.join(STRATEGIES)}")
+    va, te = split["val"], split["test"]
+    base = {"version": STUDY_VERSION, "backbone": _file_digest(backbone_path), "vocab": tokenizer_vocab,
+            "weight_decay": weight_decay, "batch_size": batch_size,
+            "data": _digest(seq[va], mask[va], y[va], seq[te], mask[te], y[te]),
+            "trainer": {k: v for k, v in (trainer or {}).items() if k != "progress_bar"}}
+    results = []
+    for size in sizes:
+        for seed in seeds:
+            tr = training_subset(y, split["pool"], size, seed)
+            for strategy in strategies:
+                rate = lr_scratch if (strategy == "from_scratch" and lr_scratch is not None) else lr
+                pat = paper_patience(size) if patience is None else patience
+                settings = {**base, "strategy": strategy, "size": size, "seed": int(seed), "lr": rate,
+                            "max_epochs": caps[size], "patience": pat, "train": _digest(seq[tr], mask[tr], y[tr])}
+                key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+                run_dir = Path(out_dir) / f"n{size}_{strategy}_seed{seed}_{key}" if out_dir is not None else None
+                if run_dir is not None and (run_dir / "result.json").is_file():
+                    res = json.loads((run_dir / "result.json").read_text())
+                    results.append(res)
+                    if progress:
+                        progress(f"n={size:>7} {strategy:12s} seed {seed}: acc {res['accuracy']:.3f} "
+                                 f"auc {res['auc']:.3f} (cached)")
+                    continue
+                with tempfile.TemporaryDirectory(prefix="omnijet_transfer_") as tmp:
+                    work = run_dir or Path(tmp)
+                    t0 = time.perf_counter()
+                    model = train_transfer(strategy, seq[tr], mask[tr], y[tr], (seq[va], mask[va], y[va]),
+                                           backbone_path, tokenizer_vocab, out_dir=work, max_epochs=caps[size],
+                                           patience=pat, lr=rate, weight_decay=weight_decay,
+                                           batch_size=batch_size, trainer=trainer, seed=int(seed))
+                    train_s = time.perf_counter() - t0
+                    test = evaluate(model, seq[te], mask[te], y[te])
+                    res = {"size": size, "strategy": strategy, "seed": int(seed), "accuracy": test["accuracy"],
+                           "auc": test["auc"], "test_loss": test["loss"], **_run_info(work),
+                           "train_seconds": round(train_s, 2), "lr": rate, "patience": pat}
+                if run_dir is not None:
+                    write_json(run_dir / "result.json", {**res, "settings": settings})
+                    if not keep_checkpoints:
+                        for ckpt in run_dir.glob("*.ckpt"):
+                            ckpt.unlink()
+                results.append(res)
+                if progress:
+                    progress(f"n={size:>7} {strategy:12s} seed {seed}: acc {res['accuracy']:.3f} "
+                             f"auc {res['auc']:.3f} ({res['epochs']} epochs, best {res['best_epoch']}, "
+                             f"{train_s:.0f} s)")
+    return [{k: v for k, v in r.items() if k != "settings"} for r in results]
+
+
+def _run_info(run_dir: Path) -> dict:
+    """Epochs trained, the best (restored) epoch and its validation loss, from the checkpoints
+    (memory-mapped: only the few numbers needed are read)."""
+    last = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True, mmap=True)
+    best = torch.load(run_dir / "best.ckpt", map_location="cpu", weights_only=True, mmap=True)
+    scores = [v["best_model_score"] for k, v in last.get("callbacks", {}).items()
+              if k.startswith("ModelCheckpoint") and isinstance(v, dict) and v.get("monitor") == "val_loss"]
+    # Lightning stores the index of the epoch being saved: completed epochs = index + 1
+    return {"epochs": int(last["epoch"]) + 1, "best_epoch": int(best["epoch"]) + 1,
+            "val_loss": float(scores[0]) if scores and scores[0] is not None else float("nan")}
+
+
+def summarize(results: list[dict], metrics=("accuracy", "auc")) -> dict:
+    """``{strategy: {size: {metric_mean, metric_std, n_seeds}}}`` (std over seeds, ddof 0)."""
+    out: dict = {}
+    for r in results:
+        out.setdefault(r["strategy"], {}).setdefault(r["size"], []).append(r)
+    table = {}
+    for strategy, by_size in out.items():
+        table[strategy] = {}
+        for size in sorted(by_size):
+            runs = by_size[size]
+            row = {"n_seeds": len(runs)}
+            for m in metrics:
+                v = np.array([r[m] for r in runs], dtype=float)
+                row[f"{m}_mean"], row[f"{m}_std"] = float(v.mean()), float(v.std())
+            table[strategy][size] = row
+    return table
+
+
+# ---------------------------------------------------------------------------- backbone
+def ensure_backbone(backbone_path, models_dir, pretrain_data, kind: str = "conditional", num_codes: int = 256,
+                    tokenizer_path=None, tokenizer_epochs: int = 10, tokenizer_batch_size: int = 512,
+                    tokenizer_kw: dict | None = None, gpt_config: dict | None = None, gpt_epochs: int = 10,
+                    gpt_batch_size: int = 256, trainer: dict | None = None, seed: int = 1, progress=print):
+    """The tokenizer and the pre-trained backbone for transfer learning: ``(tokenizer, path)``.
+
+    An existing ``backbone_path`` (e.g. notebook 02's ``gpt_combined``) is used as it is, with
+    the tokenizer it was trained with: ``tokenizer_path`` or
+    ``{models_dir}/tokenizer_{kind}_{K}/tokenizer.safetensors``, K from the backbone's vocabulary.
+    Otherwise it is pre-trained here (next-token prediction, :func:`~omnijet_lib.studies.generation.ensure_gpt`
+    with ``GPTConfig(vocab_size=K + 2, **gpt_config)``) on ``pretrain_data`` (``(x, mask)`` padded
+    features, or a callable returning them), tokenized with ``tokenizer_path`` or the shared
+    ``tokenizer_{kind}_{num_codes}`` (trained too if missing, with ``tokenizer_kw`` for its
+    config; :func:`~omnijet_lib.studies.tokens.load_or_train_tokenizer`). Trainings resume
+    when interrupted.
+    """
+    from .generation import ensure_gpt
+    from ..tokenizers import load_tokenizer, tokenize
+    from .tokens import load_or_train_tokenizer
+
+    backbone_path, models_dir = Path(backbone_path), Path(models_dir)
+    cfg = TrainConfig.from_params({"progress_bar": False, **(trainer or {})})
+    if backbone_path.is_file():
+        vocab = backbone_config_of(backbone_path).vocab_size
+        tok_path = Path(tokenizer_path) if tokenizer_path else \
+            models_dir / f"tokenizer_{kind}_{vocab - 2}" / "tokenizer.safetensors"
+        if not tok_path.is_file():
+            raise OmnijetError(f"{backbone_path}: this backbone (vocabulary {vocab}) needs the tokenizer it was "
+                               f"trained with; not found at {tok_path} (set tokenizer_path)")
+        tok = load_tokenizer(tok_path)
+        if tok.vocab_size != vocab:
+            raise OmnijetError(f"{tok_path}: tokenizer vocabulary {tok.vocab_size} does not match the backbone "
+                               f"{backbone_path} ({vocab})")
+        progress(f"backbone {backbone_path} (vocabulary {vocab}), tokenizer {tok_path}")
+        return tok, backbone_path
+
+    x, mask = pretrain_data() if callable(pretrain_data) else pretrain_data
+    if tokenizer_path:
+        tok = load_tokenizer(tokenizer_path)
+    else:
+        tok = load_or_train_tokenizer(models_dir, kind, num_codes, x, mask, epochs=tokenizer_epochs,
+                                      batch_size=tokenizer_batch_size, train_config=cfg, seed=seed,
+                                      model_kw=tokenizer_kw, progress=progress)
+    seq, seq_mask = tok.to_sequence(tokenize(tok, x, mask), mask)
+    progress(f"no backbone at {backbone_path}: pre-training a GPT (vocabulary {tok.vocab_size}) on {len(x)} jets")
+    ensure_gpt(backbone_path, seq, seq_mask, GPTConfig(vocab_size=tok.vocab_size, **(gpt_config or {})),
+               epochs=gpt_epochs, batch_size=gpt_batch_size, train_config=cfg, seed=seed, progress=progress)
+    return tok, backbone_path
