@@ -291,3 +291,25 @@ def test_train_rejects_bad_sequences(tmp_path):
     with pytest.raises(OmnijetError, match="positions"):
         train_gpt(seq, mask, tmp_path, config=SMALL.__class__(**{**cfg.__dict__, "max_len": 10}), epochs=1)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_training_loss_weights_every_target_alike_across_bucketed_batches():
+    """Sum over a batch's targets / (batch size x the training set's targets per jet): a stop
+    target in a batch of short jets weighs what one in a batch of long jets weighs (a per-batch
+    mean would weight it by 1 / the batch's own target count and bias the learnt stop rate)."""
+    import torch.nn.functional as F
+
+    from omnijet_lib.training.gpt import GPTModule
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=10, n_embd=16, n_head=2, n_layer=1, ffn=32, max_len=12)
+    module = GPTModule(cfg, targets_per_jet=6.0)
+    for n in (2, 9):  # a short-jet and a long-jet batch
+        seq = torch.cat([torch.zeros(3, 1, dtype=torch.long), torch.randint(1, 9, (3, n)),
+                         torch.full((3, 1), 9)], 1)
+        mask = torch.ones_like(seq, dtype=torch.bool)
+        module.log = lambda *a, **k: None
+        loss = module.training_step({"x": seq, "mask": mask}, 0)
+        logits = module.model(seq[:, :-1], mask[:, :-1])
+        total = F.cross_entropy(logits.flatten(0, 1), seq[:, 1:].flatten(), reduction="sum")
+        assert torch.allclose(loss, total / (3 * 6.0), rtol=1e-5)

@@ -25,19 +25,32 @@ from .fit import TrainConfig, epoch_lr_scheduler, first_epoch_factor, fit
 __all__ = ["GPTModule", "train_gpt", "load_gpt", "check_sequences"]
 
 class GPTModule(pl.LightningModule):
-    """Lightning wrapper: mean next-token cross-entropy, AdamW (lr × ``first_epoch_lr_factor``
-    in the first epoch; ``loss_over_padding``: the official loss over every position)."""
+    """Lightning wrapper: next-token cross-entropy, AdamW (lr × ``first_epoch_lr_factor`` in the
+    first epoch; ``loss_over_padding``: the official loss over every position).
+
+    The training loss is the sum over a batch's targets divided by ``batch size ×
+    targets_per_jet`` (the training set's mean), not by the batch's own target count: with
+    length-bucketed batches the latter would weight every target of a short-jet batch more than
+    one of a long-jet batch, and the model learns a stop probability that is too high early and
+    too low late: on a toy whose true lengths are known (mean 42.8), generated jets came out with
+    a mean of 37.6; with this normalisation 41.7, as with unbucketed batches. ``val_loss`` stays the
+    mean per target."""
 
     def __init__(self, config: GPTConfig, lr: float = 1e-3, weight_decay: float = 1e-2,
-                 loss_over_padding: bool = False, first_epoch_lr_factor: float = 1.0):
+                 loss_over_padding: bool = False, first_epoch_lr_factor: float = 1.0,
+                 targets_per_jet: float | None = None):
         super().__init__()
         self.model = GPT(config)
         self.lr, self.weight_decay = lr, weight_decay
         self.loss_over_padding, self.first_epoch_lr_factor = loss_over_padding, first_epoch_lr_factor
+        self.targets_per_jet = targets_per_jet
 
     def training_step(self, batch, batch_idx):
-        loss = self.model.loss(batch["x"], batch["mask"], over_padding=self.loss_over_padding)
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["x"]))
+        x, mask = batch["x"], batch["mask"]
+        loss = self.model.loss(x, mask, over_padding=self.loss_over_padding)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(x))
+        if self.targets_per_jet and not self.loss_over_padding:
+            loss = loss * mask[:, 1:].sum() / (len(x) * self.targets_per_jet)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -108,7 +121,8 @@ def train_gpt(seq, seq_mask, out_dir: str | os.PathLike, config: GPTConfig | Non
                   if n_val else None)
 
     module = GPTModule(config, lr=lr, loss_over_padding=cfg.loss_over_padding,
-                       first_epoch_lr_factor=cfg.first_epoch_lr_factor)
+                       first_epoch_lr_factor=cfg.first_epoch_lr_factor,
+                       targets_per_jet=float(np.asarray(seq_mask[train])[:, 1:].sum(1).mean()) if len(train) else None)
     module = fit(module, train_loader, val_loader, out_dir=out_dir, config=cfg)
     model = module.model.cpu().eval()
     save_model(Path(out_dir) / "gpt.safetensors", model)
