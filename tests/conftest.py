@@ -44,3 +44,12 @@ def randomise_(model, seed: int = 0, scale: float = 0.3):
         for p in model.parameters():
             p.copy_(scale * torch.randn(p.shape, generator=g))
     return model
+
+
+@pytest.fixture
+def write_unchecked(monkeypatch):
+    """``write_jetclass`` without its content checks: writes the broken files readers must refuse."""
+    from omnijet_lib.data import jetclass
+
+    monkeypatch.setattr(jetclass, "check_jets", lambda *args: None)
+    return jetclass.write_jetclass

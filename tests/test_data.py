@@ -115,7 +115,14 @@ def test_nan_and_truncated_files(tmp_path):
     px = ak.to_list(jets.part.px)
     px[3][1] = float("nan")
     bad = make_jets(vector.zip({"px": px, "py": jets.part.py, "pz": jets.part.pz, "E": jets.part.E}), 8)
-    write_jetclass(tmp_path / "nan.root", bad)
+    with pytest.raises(OmnijetError, match="nan.root: refusing to write: branch part_px contains 1 NaN/inf"):
+        write_jetclass(tmp_path / "nan.root", bad)
+    assert not (tmp_path / "nan.root").exists()
+    arrays = uproot.open(tmp_path / "ok.root")["tree"].arrays()  # the same file written behind its back
+    branches = {k: arrays[k] for k in arrays.fields}
+    branches["part_px"] = ak.values_astype(ak.Array(px), np.float32)
+    with uproot.recreate(tmp_path / "nan.root") as f:
+        f.mktree("tree", branches, counter_name=lambda c: "part_n" if c.startswith("part_") else f"n{c}")
     with pytest.raises(OmnijetError, match="nan.root: branch part_px contains 1 NaN/inf"):
         read_jetclass(tmp_path / "nan.root")
 
@@ -159,7 +166,7 @@ def test_load_chunks_follow_basket_edges(basketed_file):
         assert all(start in edges and stop in edges for start, stop in ranges)  # no basket read twice
 
 
-def test_load_padded_names_the_global_entry_of_a_nan(tmp_path, real_jets, monkeypatch):
+def test_load_padded_names_the_global_entry_of_a_nan(tmp_path, real_jets, monkeypatch, write_unchecked):
     monkeypatch.setattr(jetclass, "BASKET_JETS", 64)
     px = ak.to_numpy(ak.flatten(real_jets.part.px)).copy()
     counts = ak.to_numpy(ak.num(real_jets.part, axis=1))
@@ -167,6 +174,6 @@ def test_load_padded_names_the_global_entry_of_a_nan(tmp_path, real_jets, monkey
     p = real_jets.part
     bad = make_jets(vector.zip({"px": ak.unflatten(px, counts), "py": p.py, "pz": p.pz, "E": p.E}),
                     ak.to_numpy(real_jets.label))
-    f = write_jetclass(tmp_path / "nan.root", bad)
+    f = write_unchecked(tmp_path / "nan.root", bad)
     with pytest.raises(OmnijetError, match=r"branch part_px contains 1 NaN/inf values \(first in entry 300\)"):
         load_padded(f, workers=2, chunk=64)

@@ -37,7 +37,8 @@ from typing import BinaryIO, Callable, Iterator, Sequence
 from tqdm.auto import tqdm
 
 from ..io import OmnijetError, atomic_path
-from .jetclass import CLASS_FILE_PREFIXES, class_index, iter_jetclass
+from .jetclass import CLASS_FILE_PREFIXES, iter_jetclass
+from .schema import class_selection
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +396,7 @@ def download_jetclass(
         raise OmnijetError(f"split must be one of {', '.join(SPLIT_ARCHIVES)}; got {split!r}")
     if n_files is not None and (not isinstance(n_files, int) or n_files < 1):
         raise OmnijetError(f"n_files must be a positive integer (or None for all), got {n_files!r}")
-    wanted = sorted({class_index(c) for c in classes}) if classes is not None else list(range(10))
+    wanted = class_selection(classes) or list(range(10))
     dest = Path(dest)
     found: dict[int, list[Path]] = {c: [] for c in wanted}
 

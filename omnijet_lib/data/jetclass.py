@@ -23,6 +23,9 @@ import numpy as np
 import vector
 
 from ..io import OmnijetError, atomic_path
+from .schema import (CLASS_FILE_PREFIXES, CLASS_LABELS, CLASS_NAMES, JET_BRANCHES, LABEL_BRANCHES,
+                     PART_BRANCHES, REQUIRED_BRANCHES as _REQUIRED, class_index, class_selection)
+from .validate import check_constituents, check_finite, check_jets, check_labels
 
 vector.register_awkward()
 log = logging.getLogger(__name__)
@@ -41,42 +44,8 @@ __all__ = [
     "write_jetclass",
 ]
 
-#: Human-readable class names, in the official JetClass order.
-CLASS_NAMES = (
-    "QCD", "H→bb̄", "H→cc̄", "H→gg", "H→4q", "H→ℓνqq'", "Z→qq̄", "W→qq'", "t→bqq'", "t→bℓν",
-)
-#: Short names used by the ``label_*`` branches (same order).
-CLASS_LABELS = ("QCD", "Hbb", "Hcc", "Hgg", "H4q", "Hqql", "Zqq", "Wqq", "Tbqq", "Tbl")
-#: Official file-name prefixes (same order): ``<prefix>_<NNN>.root``.
-CLASS_FILE_PREFIXES = (
-    "ZJetsToNuNu", "HToBB", "HToCC", "HToGG", "HToWW4Q", "HToWW2Q1L", "ZToQQ", "WToQQ",
-    "TTBar", "TTBarLep",
-)
-
-PART_BRANCHES = ("part_px", "part_py", "part_pz", "part_energy", "part_deta", "part_dphi")
-JET_BRANCHES = (
-    "jet_pt", "jet_eta", "jet_phi", "jet_energy", "jet_nparticles", "jet_sdmass",
-    "jet_tau1", "jet_tau2", "jet_tau3", "jet_tau4",
-)
-LABEL_BRANCHES = tuple(f"label_{c}" for c in CLASS_LABELS)
-_REQUIRED = ("part_px", "part_py", "part_pz", "part_energy")
 _TREE = "tree"
 BASKET_JETS = 10_000  # jets per basket: readers can take a range without decompressing the file
-
-
-def class_index(name: str | int) -> int:
-    """Index of a class given by index, short label (``Tbqq``), display name or file prefix."""
-    if isinstance(name, (int, np.integer)):
-        if 0 <= int(name) < len(CLASS_NAMES):
-            return int(name)
-        raise OmnijetError(f"class index {name} out of range 0..{len(CLASS_NAMES) - 1}")
-    for table in (CLASS_LABELS, CLASS_NAMES, CLASS_FILE_PREFIXES):
-        if name in table:
-            return table.index(name)
-    lowered = {t.lower(): i for t in CLASS_LABELS for i in [CLASS_LABELS.index(t)]}
-    if str(name).lower() in lowered:
-        return lowered[str(name).lower()]
-    raise OmnijetError(f"unknown jet class {name!r}; known: {', '.join(CLASS_LABELS)}")
 
 
 # ----------------------------------------------------------------------------------- building
@@ -165,30 +134,6 @@ def _oneline(err: Exception, limit: int = 200) -> str:
     return f"{type(err).__name__}: {text[:limit] + '...' if len(text) > limit else text}"
 
 
-def _labels_from_tree(path: Path, arrays: dict, n: int) -> np.ndarray:
-    present = [b for b in LABEL_BRANCHES if b in arrays]
-    if not present:
-        raise OmnijetError(f"{path}: no label_* branches (expected {', '.join(LABEL_BRANCHES)})")
-    onehot = np.zeros((n, len(LABEL_BRANCHES)), dtype=np.float32)
-    for b in present:
-        onehot[:, LABEL_BRANCHES.index(b)] = np.asarray(arrays[b], dtype=np.float32)
-    bad = onehot.sum(axis=1) != 1
-    if bad.any():
-        raise OmnijetError(f"{path}: {bad.sum()} jets do not have exactly one label_* set")
-    return onehot.argmax(axis=1).astype(np.int32)
-
-
-def _check_finite(path: Path, name: str, values: np.ndarray, start: int = 0, counts=None) -> None:
-    """NaN/inf is an error naming the branch and the first bad jet (its entry in the tree)."""
-    if values.dtype.kind == "f" and not np.isfinite(values).all():
-        bad = ~np.isfinite(values)
-        first = int(np.argmax(bad))
-        if counts is not None:  # flat constituent index -> jet index
-            first = int(np.searchsorted(np.cumsum(counts), first, side="right"))
-        raise OmnijetError(f"{path}: branch {name} contains {int(bad.sum())} NaN/inf values "
-                           f"(first in entry {start + first})")
-
-
 def _read_range(path: Path, tree, names, start: int | None = None, stop: int | None = None) -> dict:
     """Branches ``names`` of tree entries ``[start, stop)`` as awkward arrays; a failing read
     names the file. ``array_cache=None``: uproot would otherwise keep up to 100 MB of decoded
@@ -201,24 +146,10 @@ def _read_range(path: Path, tree, names, start: int | None = None, stop: int | N
     return {k: arrays[k] for k in arrays.fields}
 
 
-def _flat_constituents(path: Path, arrays: dict, names=_REQUIRED, start: int = 0) -> tuple[np.ndarray, dict]:
-    """``(counts (N,), {branch: flat float32 values})`` of the jagged branches ``names``, checked:
-    no jet without constituents, no NaN/inf (errors name the file and the first bad entry)."""
-    counts = ak.to_numpy(ak.num(arrays[names[0]], axis=1))
-    flat = {}
-    for b in names:
-        flat[b] = ak.to_numpy(ak.flatten(arrays[b])).astype(np.float32, copy=False)
-        _check_finite(path, b, flat[b], start, counts)
-    if (counts == 0).any():  # JetClass jets always have constituents; an empty one is a broken file
-        raise OmnijetError(f"{path}: {int((counts == 0).sum())} jets have no constituents "
-                           f"(first: entry {start + int(np.argmax(counts == 0))})")
-    return counts, flat
-
-
 def _chunk_to_jets(path: Path, arrays: dict, start: int = 0) -> ak.Array:
     n = len(arrays["part_px"])
-    _flat_constituents(path, arrays, _REQUIRED, start)  # the checks; the jagged arrays are kept
-    labels = _labels_from_tree(path, arrays, n)
+    check_constituents(path, {b: arrays[b] for b in _REQUIRED}, start)  # the jagged arrays are kept
+    labels = check_labels(path, arrays, n, start)
     part = vector.zip({
         "px": arrays["part_px"], "py": arrays["part_py"], "pz": arrays["part_pz"],
         "E": arrays["part_energy"],
@@ -227,7 +158,7 @@ def _chunk_to_jets(path: Path, arrays: dict, start: int = 0) -> ak.Array:
     for b in JET_BRANCHES:
         if b in arrays:
             v = np.asarray(arrays[b], dtype=np.float32)
-            _check_finite(path, b, v, start)
+            check_finite(path, b, v, start)
             fields[b] = v
         else:
             fields[b] = np.zeros(n, np.float32)
@@ -243,7 +174,7 @@ def iter_jetclass(
 ) -> Iterator[ak.Array]:
     """Stream jets chunk by chunk (at most ``step_size`` jets each) from JetClass-schema files."""
     paths = _expand(files)
-    wanted = None if classes is None else {class_index(c) for c in classes}
+    wanted = class_selection(classes)
     if max_jets is not None and max_jets < 0:
         raise OmnijetError(f"max_jets must be >= 0, got {max_jets}")
     if step_size <= 0:  # uproot would fail inside the read and the file would be blamed
@@ -284,15 +215,16 @@ def read_jetclass(files, classes=None, max_jets: int | None = None) -> ak.Array:
 
 # ------------------------------------------------------------------------------------ writing
 def write_jetclass(path: str | os.PathLike, jets: ak.Array) -> Path:
-    """Write jets in the official schema (tree ``tree``), atomically (temp file + rename)."""
+    """Write jets in the official schema (tree ``tree``), atomically (temp file + rename).
+
+    Jets the readers would refuse (empty, non-finite, E < |p|, a label outside 0..9) are refused
+    here, before anything is written."""
     import uproot
 
     path = Path(path)
     part = jets.part
     n = len(jets)
-    counts = ak.num(part, axis=1)
-    if n and ak.any(counts == 0):
-        raise OmnijetError(f"{path}: refusing to write {int(ak.sum(counts == 0))} jets with no constituents")
+    check_jets(f"{path}: refusing to write", jets)  # nothing the readers would refuse
     jet_axis = vector.zip({"pt": jets.jet_pt, "eta": jets.jet_eta, "phi": jets.jet_phi, "mass": 0})
     # JetClass convention: part_deta is mirrored by the sign of the jet's eta.
     deta = part.deltaeta(jet_axis) * np.sign(jets.jet_eta) if n else part.px

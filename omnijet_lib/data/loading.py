@@ -9,8 +9,9 @@ import numpy as np
 
 from ..io import REPO, OmnijetError
 from .features import MAX_CONSTITUENTS, flat_features, pad_into
-from .jetclass import (LABEL_BRANCHES, _REQUIRED, _expand, _flat_constituents, _labels_from_tree, _open_tree,
-                       _read_range, class_index)
+from .jetclass import _expand, _open_tree, _read_range
+from .schema import LABEL_BRANCHES, REQUIRED_BRANCHES as _REQUIRED, class_selection
+from .validate import check_constituents, check_labels
 
 __all__ = ["real_sample_path", "load_padded"]
 
@@ -29,7 +30,7 @@ def load_padded(files, classes=None, max_jets: int | None = None, max_len: int =
     """ROOT files → ``(x (N, max_len, 3) float32, mask (N, max_len) bool, labels (N,) int32)``.
 
     The same arrays as ``to_padded(constituent_features(read_jetclass(...)))``, but it reads
-    only what they need (``part_px/py/pz`` and the labels, with read_jetclass's checks on them)
+    only what they need (``part_px/py/pz/energy`` and the labels, with read_jetclass's checks on them)
     and pads each chunk of about ``chunk`` jets (cut at the files' basket edges) straight into
     the output. ``workers`` threads share the chunks: uproot's decompression and numpy's kernels
     release the GIL, and nothing is copied between processes (2 threads: ~1.8x one).
@@ -38,7 +39,7 @@ def load_padded(files, classes=None, max_jets: int | None = None, max_len: int =
         raise OmnijetError(f"max_len must be positive, got {max_len}")
     if max_jets is not None and max_jets < 0:
         raise OmnijetError(f"max_jets must be >= 0, got {max_jets}")
-    wanted = None if classes is None else sorted({class_index(c) for c in classes})
+    wanted = class_selection(classes)
     # without a class selection max_jets is known up front: plan only the entries needed
     budget = max_jets if wanted is None else None
     trees = [(path, _open_tree(path)) for path in _expand(files)]
@@ -104,10 +105,10 @@ def _pad_range(path: Path, tree, start: int, stop: int, wanted, x: np.ndarray, m
                labels: np.ndarray) -> int:
     """Features of entries ``[start, stop)`` (of the ``wanted`` classes) padded into the first
     rows of ``x``, ``mask``, ``labels``; returns the number of jets written."""
-    xyz = _REQUIRED[:3]  # the energy does not enter the features
-    arrays = _read_range(path, tree, [*xyz, *(b for b in LABEL_BRANCHES if b in tree.keys())], start, stop)
-    counts, flat = _flat_constituents(path, arrays, xyz, start)
-    jet_labels = _labels_from_tree(path, arrays, len(counts))
+    xyz = _REQUIRED[:3]  # the energy does not enter the features, but it is checked like everywhere
+    arrays = _read_range(path, tree, [*_REQUIRED, *(b for b in LABEL_BRANCHES if b in tree.keys())], start, stop)
+    counts, flat = check_constituents(path, {b: arrays[b] for b in _REQUIRED}, start)
+    jet_labels = check_labels(path, arrays, len(counts), start)
     if wanted is not None:
         sel = np.isin(jet_labels, wanted)
         per_constituent = np.repeat(sel, counts)
