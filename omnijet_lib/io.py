@@ -26,8 +26,10 @@ __all__ = [
     "OmnijetError",
     "atomic_path",
     "write_json",
+    "file_sha256",
     "save_checkpoint",
     "load_checkpoint",
+    "check_finite_weights",
     "safe_torch_load",
 ]
 
@@ -83,6 +85,17 @@ def _umask() -> int:
     return mask
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (hex), read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
@@ -130,7 +143,20 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[dict,
         config = json.loads(meta.get("config", "{}"))
     except json.JSONDecodeError as err:
         raise OmnijetError(f"{path}: checkpoint config metadata is not valid JSON ({err})") from None
+    check_finite_weights(path, tensors)
     return tensors, config
+
+
+def check_finite_weights(source, tensors: dict) -> None:
+    """A model whose weights hold NaN/inf (a diverged training, a damaged file) is refused: it would
+    run and give garbage (e.g. every constituent the same token) without a word."""
+    import torch
+
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise OmnijetError(f"{source}: weight {name} holds {bad} NaN/inf values (a diverged training "
+                               f"or a damaged file); refusing to use it")
 
 
 def safe_torch_load(path: str | os.PathLike, device: str = "cpu") -> Any:

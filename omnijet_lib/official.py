@@ -33,7 +33,6 @@ run the official modules' recorded outputs through these.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -48,7 +47,7 @@ import yaml
 
 from .data.download import download_file, extract_archive
 from .data.features import ANGLE_SCALE, FEATURE_NAMES, PT_SHIFT, REL_CUT
-from .io import OmnijetError, save_model, write_json
+from .io import OmnijetError, check_finite_weights, file_sha256, save_model, write_json
 from .models.classifier import GPTClassifier
 from .models.gpt import GPT, GPTConfig
 from .tokenizers.base import save_tokenizer
@@ -339,6 +338,7 @@ def _state_dict(ckpt: dict, prefixes: tuple, path: Path, what: str) -> dict:
     sd = {k: v for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
     if not any(k.startswith(prefixes) for k in sd):
         raise OmnijetError(f"{path}: no {'/'.join(p + '*' for p in prefixes)} tensors: not an official {what}")
+    check_finite_weights(path, sd)
     return sd
 
 
@@ -444,14 +444,6 @@ def find_published(checkpoint_dir: str | os.PathLike) -> dict[str, Path]:
     return {k: v[0] for k, v in found.items()}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def convert_published(checkpoint_dir: str | os.PathLike, dest: str | os.PathLike, progress=print) -> dict[str, Path]:
     """The published tokenizer and backbone as our safetensors checkpoints, where the notebooks
     look for them: ``dest/tokenizer_conditional_K/tokenizer.safetensors`` and
@@ -461,7 +453,7 @@ def convert_published(checkpoint_dir: str | os.PathLike, dest: str | os.PathLike
     with the same sources reuses the outputs. Files in the way that were not converted from
     these sources are refused rather than overwritten."""
     src, dest = find_published(checkpoint_dir), Path(dest)
-    sums = {k: _sha256(p) for k, p in src.items()}
+    sums = {k: file_sha256(p) for k, p in src.items()}
     record = dest / _CONVERTED
     try:
         old = json.loads(record.read_text())
@@ -501,7 +493,7 @@ def _verify_manifest(dest: Path) -> list[str] | None:
         return None
     if not isinstance(manifest, dict) or not manifest:
         return None
-    return [rel for rel, sha in manifest.items() if not (dest / rel).is_file() or _sha256(dest / rel) != sha]
+    return [rel for rel, sha in manifest.items() if not (dest / rel).is_file() or file_sha256(dest / rel) != sha]
 
 
 def fetch_published(dest: str | os.PathLike, url: str = PUBLISHED_URL, progress: bool = True) -> dict[str, Path]:
@@ -524,7 +516,7 @@ def fetch_published(dest: str | os.PathLike, url: str = PUBLISHED_URL, progress:
     archive = download_file(url, dest / "omnijet_checkpoints.download", progress=progress,
                             desc="OmniJet-α checkpoints")
     files = extract_archive(archive, dest, progress=progress)
-    manifest = {str(p.relative_to(dest)): _sha256(p) for p in files}
+    manifest = {str(p.relative_to(dest)): file_sha256(p) for p in files}
     write_json(dest / MANIFEST, manifest)
     archive.unlink()
     log.info("%s: %d files unpacked, sha256 recorded in %s", dest, len(files), MANIFEST)

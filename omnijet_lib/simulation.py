@@ -53,8 +53,9 @@ import awkward as ak
 import numpy as np
 
 from .observables import quiet_fastjet
-from .io import OmnijetError, write_json
-from .data.jetclass import CLASS_FILE_PREFIXES, CLASS_LABELS, class_index, make_jets, write_jetclass
+from .io import OmnijetError, file_sha256, write_json
+from .data.jetclass import CLASS_FILE_PREFIXES, CLASS_LABELS, class_index, make_jets, read_jetclass, write_jetclass
+from .data.schema import class_selection
 
 log = logging.getLogger(__name__)
 
@@ -525,6 +526,42 @@ def _file_name(label: int, file_no: int) -> str:
     return f"{CLASS_FILE_PREFIXES[label]}_{file_no:03d}.root"
 
 
+def _record_path(path: Path) -> Path:
+    return path.parent / ".finished" / f"{path.name}.json"
+
+
+def _record(path: Path, jets: int) -> None:
+    """Size and sha256 of a finished class file, so that a resume can tell it is intact."""
+    write_json(_record_path(path), {"jets": jets, "size": path.stat().st_size, "sha256": file_sha256(path)})
+
+
+def _finished(path: Path, label: int, jets: int) -> bool:
+    """Whether ``path`` is a finished, intact file of ``jets`` jets of class ``label``: it matches the
+    size and sha256 recorded when it was written, or (files of runs before records existed) it
+    opens and holds those jets. Anything else (0 bytes, truncated, altered) is redone."""
+    if not path.exists():
+        return False
+    rec_path = _record_path(path)
+    try:
+        rec = json.loads(rec_path.read_text()) if rec_path.is_file() else None
+    except (OSError, ValueError):
+        rec = None
+    if rec is not None:
+        ok = rec.get("jets") == jets and rec.get("size") == path.stat().st_size and \
+            rec.get("sha256") == file_sha256(path)
+    else:
+        try:
+            labels = ak.to_numpy(read_jetclass(path).label)
+            ok = len(labels) == jets and (labels == label).all()
+        except OmnijetError:
+            ok = False
+        if ok:
+            _record(path, jets)
+    if not ok:
+        log.warning("%s: damaged or incomplete (does not match its record); simulating it again", path)
+    return ok
+
+
 def _check_manifest(out_dir: Path, cfg: SimulationConfig) -> None:
     manifest = out_dir / "simulation.json"
     want = {"settings": cfg.settings(), "versions": _versions()}
@@ -562,7 +599,7 @@ def simulate_dataset(out_dir, per_class: int, seed: int = 1, workers: int = 2,
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OmnijetError(f"{out_dir}: output path exists and is not a directory")
-    labels = list(range(len(CLASS_LABELS))) if classes is None else [class_index(c) for c in classes]
+    labels = class_selection(classes) or list(range(len(CLASS_LABELS)))
     labels = sorted(set(labels))
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_manifest(out_dir, cfg)
@@ -572,8 +609,9 @@ def simulate_dataset(out_dir, per_class: int, seed: int = 1, workers: int = 2,
         for f in range(math.ceil(cfg.per_class / cfg.jets_per_file)):
             path = out_dir / _file_name(label, f)
             paths.append(path)
-            if not path.exists():
-                todo[path] = (label, _file_tasks(cfg, label, f))
+            tasks = _file_tasks(cfg, label, f)
+            if not _finished(path, label, sum(t[3] for t in tasks)):
+                todo[path] = (label, tasks)
     if not todo:
         return paths
     owner = {(t[1], t[2]): p for p, (_, ts) in todo.items() for t in ts}
@@ -605,6 +643,7 @@ def simulate_dataset(out_dir, per_class: int, seed: int = 1, workers: int = 2,
         if len(done[path]) == len(ts):
             ordered = [done[path][t[2]] for t in ts]
             write_jetclass(path, _chunks_to_jets(ordered, label))
+            _record(path, sum(t[3] for t in ts))
             del done[path]
             for t in ts:
                 (chunk_dir / _chunk_name(label, t[2])).unlink(missing_ok=True)

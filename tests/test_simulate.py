@@ -5,6 +5,7 @@ config uses small chunks / files so that chunking and file splitting are exercis
 """
 
 import os
+import shutil
 
 import awkward as ak
 import numpy as np
@@ -132,14 +133,49 @@ def test_resume_skips_finished_files(sim_dir, monkeypatch):
 
 
 def test_resume_redoes_only_missing_file(sim_dir, tmp_path):
-    for p in sim_dir.glob("*"):
-        (tmp_path / p.name).write_bytes(p.read_bytes())
+    shutil.copytree(sim_dir, tmp_path, dirs_exist_ok=True)
     (tmp_path / "TTBar_001.root").unlink()
     kept = os.stat(tmp_path / "TTBar_000.root").st_mtime_ns
     _simulate(tmp_path)
     assert os.stat(tmp_path / "TTBar_000.root").st_mtime_ns == kept
     np.testing.assert_array_equal(_arrays(tmp_path / "TTBar_001.root")["jet_pt"],
                                   _arrays(sim_dir / "TTBar_001.root")["jet_pt"])
+
+
+def test_resume_redoes_empty_truncated_and_altered_files(sim_dir, tmp_path, caplog):
+    shutil.copytree(sim_dir, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "ZJetsToNuNu_000.root").write_bytes(b"")   # 0 bytes
+    cut = tmp_path / "TTBar_000.root"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])                 # truncated
+    flip = bytearray((tmp_path / "HToWW2Q1L_001.root").read_bytes())
+    flip[-100] ^= 0xFF                                                           # same size, other bytes
+    (tmp_path / "HToWW2Q1L_001.root").write_bytes(bytes(flip))
+    kept = os.stat(tmp_path / "TTBar_001.root").st_mtime_ns
+    with caplog.at_level("WARNING"):
+        _simulate(tmp_path)
+    assert sum("simulating it again" in r.message for r in caplog.records) == 3
+    for name in ("ZJetsToNuNu_000.root", "TTBar_000.root", "HToWW2Q1L_001.root", "TTBar_001.root"):
+        redone, original = _arrays(tmp_path / name), _arrays(sim_dir / name)
+        assert redone.keys() == original.keys(), name
+        for k in original:
+            np.testing.assert_array_equal(np.concatenate(redone[k]) if redone[k].dtype == object else redone[k],
+                                          np.concatenate(original[k]) if original[k].dtype == object else original[k])
+    assert os.stat(tmp_path / "TTBar_001.root").st_mtime_ns == kept
+
+
+def test_files_without_records_are_checked_once_and_kept(sim_dir, tmp_path, monkeypatch):
+    """Caches simulated before records existed: intact files are kept (and recorded), not redone."""
+    shutil.copytree(sim_dir, tmp_path, dirs_exist_ok=True)
+    shutil.rmtree(tmp_path / ".finished")
+    wrong = tmp_path / "TTBar_001.root"
+    wrong.write_bytes((sim_dir / "TTBar_000.root").read_bytes())  # readable, but 16 jets where 4 belong
+    calls = []
+    real = S._simulate_chunk
+    monkeypatch.setattr(S, "_simulate_chunk", lambda t: calls.append(t) or real(t))
+    _simulate(tmp_path)
+    assert [(t[1], t[3]) for t in calls] == [(8, 4)]  # only the wrong file's chunk
+    np.testing.assert_array_equal(_arrays(wrong)["jet_pt"], _arrays(sim_dir / "TTBar_001.root")["jet_pt"])
+    assert len(list((tmp_path / ".finished").glob("*.json"))) == 6
 
 
 def test_other_settings_in_same_dir_refused(sim_dir):

@@ -1,6 +1,7 @@
 """Streaming tokenization into token shards, and the streaming training dataset over shards."""
 
 import hashlib
+import os
 import types
 
 import awkward as ak
@@ -99,6 +100,62 @@ def test_resume_is_byte_identical_and_skips_finished_shards(tmp_path, roots, vq_
     assert len(calls) == len(man["shards"]) - 3                      # only the missing ones
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # finished ones untouched
     assert _files(tmp_path / "a") == _files(tmp_path / "b")           # no .part left, same bytes
+
+
+def test_resume_redoes_missing_truncated_and_altered_shards(tmp_path, roots, vq_ckpt, caplog):
+    out = tmp_path / "s"
+    streaming.tokenize_files(vq_ckpt, roots, out, chunk=40, device="cpu")
+    reference = _files(out)
+    names = sorted(p.name for p in out.glob("*.npz"))
+    (out / names[0]).write_bytes((out / names[0]).read_bytes()[:100])       # truncated
+    (out / names[1]).write_bytes(b"")                                         # 0 bytes
+    flipped = bytearray((out / names[2]).read_bytes())
+    flipped[len(flipped) // 2] ^= 1                                           # same size, other bytes
+    (out / names[2]).write_bytes(bytes(flipped))
+    (out / names[3]).unlink()                                                 # gone
+    with caplog.at_level("WARNING"):
+        streaming.tokenize_files(vq_ckpt, roots, out, chunk=40, device="cpu")
+    assert sum("redoing it" in r.message for r in caplog.records) == 4
+    assert _files(out) == reference
+
+
+def test_resume_refuses_an_input_that_changed(tmp_path, roots, vq_ckpt):
+    inputs = [tmp_path / r.name for r in roots]
+    for src, dst in zip(roots, inputs):
+        dst.write_bytes(src.read_bytes())
+    out = tmp_path / "s"
+    streaming.tokenize_files(vq_ckpt, inputs, out, chunk=40, device="cpu")
+    os.utime(inputs[0], ns=(10**9, 10**9))  # touched or copied: the same bytes are the same input
+    streaming.tokenize_files(vq_ckpt, inputs, out, chunk=40, device="cpu")
+    before = _files(out)
+    data = bytearray(inputs[0].read_bytes())
+    data[len(data) // 2] ^= 1                    # same size, other bytes
+    inputs[0].write_bytes(bytes(data))
+    with pytest.raises(OmnijetError, match=f"{inputs[0]}: changed since {out} was tokenized from it "
+                       r"\(fingerprint differ\); to start over, delete"):
+        streaming.tokenize_files(vq_ckpt, inputs, out, chunk=40, device="cpu")
+    write_jetclass(inputs[0], _jets(120, 7, 0))  # replaced by other jets under the same name
+    with pytest.raises(OmnijetError, match=r"\(size and fingerprint differ\)"):
+        streaming.tokenize_files(vq_ckpt, inputs, out, chunk=40, device="cpu")
+    assert _files(out) == before
+
+
+def test_non_finite_or_collapsed_tokenizers_write_nothing(tmp_path, roots):
+    torch.manual_seed(0)
+    tok = VQVAE(VQVAEConfig(hidden_dim=16, num_blocks=1, num_heads=2, mlp_hidden=16, num_codes=64))
+    with torch.no_grad():
+        tok.vq.codebook.weight[:] = 1.0  # every code the same vector: every constituent gets code 0
+    collapsed = save_tokenizer(tmp_path / "collapsed.safetensors", tok)
+    with pytest.raises(OmnijetError, match=r"collapsed.safetensors: maps all \d+ constituents of .*ZJetsToNuNu_000.root "
+                       r"entries 0..39 to code 0; a collapsed or broken tokenizer, nothing written"):
+        streaming.tokenize_files(collapsed, roots, tmp_path / "a", chunk=40, device="cpu")
+    assert not list((tmp_path / "a").glob("*.npz"))
+    with torch.no_grad():
+        tok.decoder.out.weight[0, 0] = float("nan")
+    broken = save_tokenizer(tmp_path / "nan.safetensors", tok)
+    with pytest.raises(OmnijetError, match=r"nan.safetensors: weight decoder.out.weight holds 1 NaN/inf values"):
+        streaming.tokenize_files(broken, roots, tmp_path / "b", chunk=40, device="cpu")
+    assert not (tmp_path / "b").exists()
 
 
 def test_cli_and_one_line_errors(tmp_path, roots, vq_ckpt, capsys):
@@ -275,7 +332,9 @@ def test_unreadable_manifest(tmp_path):
 def test_paper_profile_dry_run_prints_sizes_steps_and_gpu_hours(capsys):
     from omnijet_lib.figures import run_figures
 
-    assert run_figures("paper", dry_run=True) == []
+    with pytest.raises(OmnijetError, match=r"paper.yaml: inputs missing for 01_token_quality, 02_generation, "
+                       r"03_transfer_learning, 04_epic_fm_comparison \(the MISSING lines above\)"):
+        run_figures("paper", dry_run=True)  # JetClass is not downloaded here
     out = capsys.readouterr().out
     assert "[01_token_quality]" in out and "VQ-VAE conditional K=8192" in out
     # the paper's JetClass files, sized by their official names before they are downloaded

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import OmnijetError, write_json
+from ..io import OmnijetError, file_sha256, write_json
 from ..models.classifier import backbone_config_of
 from ..models.gpt import GPTConfig
 from ..training.fit import TrainConfig
@@ -110,14 +110,6 @@ def _digest(*arrays) -> str:
     return h.hexdigest()
 
 
-def _file_digest(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def run_transfer_study(seq, mask, y, split: dict, sizes, seeds, backbone_path, tokenizer_vocab: int | None = None,
                        out_dir=None, strategies=STRATEGIES, max_epochs: int | dict = 100, patience: int | None = None,
                        lr: float = 1e-4, lr_scratch: float | None = None, weight_decay: float = 1e-2,
@@ -153,7 +145,7 @@ def run_transfer_study(seq, mask, y, split: dict, sizes, seeds, backbone_path, t
         if s not in STRATEGIES:
             raise OmnijetError(f"strategy {s!r} is unknown, expected one of {', '.join(STRATEGIES)}")
     va, te = split["val"], split["test"]
-    base = {"version": STUDY_VERSION, "backbone": _file_digest(backbone_path), "vocab": tokenizer_vocab,
+    base = {"version": STUDY_VERSION, "backbone": file_sha256(backbone_path), "vocab": tokenizer_vocab,
             "weight_decay": weight_decay, "batch_size": batch_size,
             "data": _digest(seq[va], mask[va], y[va], seq[te], mask[te], y[te]),
             "trainer": {k: v for k, v in (trainer or {}).items() if k != "progress_bar"}}

@@ -6,9 +6,11 @@
   (format: :mod:`omnijet_lib.data.shards`); peak memory is set by the chunk, not the data set.
 * ``SHARDS/manifest.json`` records the inputs, every finished shard (jets, tokens, class counts,
   sha256), the classes and the tokenizer's sha256; it is rewritten atomically after each shard.
-* Resumable: a rerun skips the shards the manifest lists (after checking they still exist), so an
-  interrupted run loses at most the chunk in flight; shards are renamed into place only when
-  complete. A rerun with another tokenizer or other settings into the same folder is refused.
+* Resumable: a rerun skips the shards the manifest lists whose size and sha256 still match (a
+  missing, truncated or altered shard is redone), so an interrupted run loses at most the chunk in
+  flight; shards are renamed into place only when complete. A rerun with another tokenizer or other
+  settings into the same folder is refused, and so is one whose input files changed since their
+  shards were made (size or content fingerprint; a copy or ``touch`` that keeps the bytes is fine).
 * Deterministic: the same inputs and tokenizer give byte-identical shards (tokenization runs in
   eval mode, the shard writer uses fixed zip timestamps).
 """
@@ -27,21 +29,52 @@ import awkward as ak
 import numpy as np
 
 from ..data.shards import MANIFEST, read_manifest, write_shard
-from ..io import OmnijetError, write_json
+from ..io import OmnijetError, file_sha256, write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["file_sha256", "tokenize_files", "main"]
+__all__ = ["input_fingerprint", "tokenize_files", "main"]
 
 FORMAT = "omnijet-token-shards/1"
+#: a chunk with at least this many constituents all given one code means a broken tokenizer
+DEGENERATE_MIN_TOKENS = 100
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def input_fingerprint(path: str | os.PathLike) -> dict:
+    """``{"size", "fingerprint"}`` of an input file: its size and the sha256 of its first and last
+    MiB (a ROOT file's header and directory), cheap enough for 100 files of GBs at every resume."""
+    size = os.path.getsize(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+        h.update(f.read(1 << 20))
+    return {"size": size, "fingerprint": h.hexdigest()}
+
+
+def _check_inputs(out_dir: Path, old: dict, paths: list[Path]) -> None:
+    """Inputs of a resumed run must be those the existing shards were made from."""
+    recorded = {Path(i["path"]).stem: i for i in old.get("inputs", [])}  # shards are named by stem
+    for path in paths:
+        have = recorded.get(path.stem)
+        if have is None or "fingerprint" not in have:  # new input, or a manifest without fingerprints
+            continue
+        now = input_fingerprint(path)
+        what = [k for k in ("size", "fingerprint") if have[k] != now[k]]
+        if what:
+            raise OmnijetError(f"{path}: changed since {out_dir} was tokenized from it ({' and '.join(what)} "
+                               f"differ); to start over, delete {out_dir} or tokenize into another --out")
+
+
+def _shard_intact(out_dir: Path, rec: dict) -> bool:
+    """A listed shard counts as done only when its size and sha256 are those recorded."""
+    path = out_dir / rec["name"]
+    if not path.is_file() or ("size" in rec and path.stat().st_size != rec["size"]) \
+            or file_sha256(path) != rec.get("sha256"):
+        log.warning("%s: missing or damaged (size/sha256 differ from the manifest); redoing it", path)
+        return False
+    return True
 
 
 def _read_chunk(path: Path, tree, start: int, stop: int):
@@ -74,12 +107,14 @@ def tokenize_files(tokenizer: str | os.PathLike, inputs, out_dir: str | os.PathL
     ``classes`` keeps only those classes. Resumes a previous run into ``out_dir``. Returns the
     manifest (also in ``out_dir/manifest.json``).
     """
-    from ..data.jetclass import _expand, _open_tree, class_index
+    from ..data.jetclass import _expand, _open_tree
+    from ..data.schema import class_selection
     from ..io import default_device
     from .base import load_tokenizer
 
     if chunk <= 0 or max_len <= 0 or batch_size <= 0:
         raise OmnijetError(f"--chunk, max_len and batch_size must be positive (got {chunk}, {max_len}, {batch_size})")
+    wanted = class_selection(classes, "--classes")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OmnijetError(f"{out_dir}: exists and is not a directory")
@@ -89,7 +124,6 @@ def tokenize_files(tokenizer: str | os.PathLike, inputs, out_dir: str | os.PathL
     if dup:
         raise OmnijetError(f"input files share the name {dup[0]!r} (shards are named after the file); "
                            f"tokenize them into separate --out folders")
-    wanted = None if classes is None else sorted({class_index(c) for c in classes})
     tok_path = Path(tokenizer)
     if not tok_path.is_file():
         raise OmnijetError(f"{tok_path}: tokenizer checkpoint not found")
@@ -105,7 +139,8 @@ def tokenize_files(tokenizer: str | os.PathLike, inputs, out_dir: str | os.PathL
         if diff:
             raise OmnijetError(f"{out_dir}: holds shards made with other settings ({', '.join(diff)} differ); "
                                f"use another --out or delete it")
-        done = {s["name"]: s for s in old["shards"] if (out_dir / s["name"]).is_file()}
+        _check_inputs(out_dir, old, paths)
+        done = {s["name"]: s for s in old["shards"] if _shard_intact(out_dir, s)}
         if done:
             log.info("%s: resuming, %d shards already done", out_dir, len(done))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -116,7 +151,7 @@ def tokenize_files(tokenizer: str | os.PathLike, inputs, out_dir: str | os.PathL
     for path in paths:
         tree = _open_tree(path)
         n_entries = int(tree.num_entries)
-        manifest["inputs"].append({"path": str(path), "entries": n_entries})
+        manifest["inputs"].append({"path": str(path), "entries": n_entries, **input_fingerprint(path)})
         for c, start in enumerate(range(0, n_entries, chunk)):
             name = f"{path.stem}_{c:05d}.npz"
             if name in done:
@@ -128,12 +163,16 @@ def tokenize_files(tokenizer: str | os.PathLike, inputs, out_dir: str | os.PathL
                 keep = np.isin(ak.to_numpy(jets.label), wanted)
                 jets, entry = jets[keep], entry[keep]
             tokens, counts, labels = _tokenize_chunk(tok, jets, max_len, batch_size)
+            if len(tokens) >= DEGENERATE_MIN_TOKENS and (tokens == tokens[0]).all():
+                raise OmnijetError(f"{tok_path}: maps all {len(tokens)} constituents of {path} entries "
+                                   f"{start}..{min(start + chunk, n_entries) - 1} to code {int(tokens[0])}; "
+                                   f"a collapsed or broken tokenizer, nothing written")
             write_shard(out_dir / name, tokens, counts, labels, entry, tok.num_codes)
             manifest["shards"].append({
                 "name": name, "file": str(path), "chunk": c, "entry_start": start,
                 "entry_stop": min(start + chunk, n_entries), "jets": int(len(counts)),
                 "tokens": int(len(tokens)), "class_counts": np.bincount(labels, minlength=10).tolist(),
-                "sha256": file_sha256(out_dir / name),
+                "size": (out_dir / name).stat().st_size, "sha256": file_sha256(out_dir / name),
             })
             write_json(out_dir / MANIFEST, _totals(manifest))  # the shard is done only once listed here
             n_new += len(counts)
