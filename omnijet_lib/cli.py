@@ -14,6 +14,7 @@ from .io import OmnijetError
 
 
 def _simulate(argv) -> int:
+    from .data.schema import class_selection
     from .simulation import simulate_dataset
 
     ap = argparse.ArgumentParser(prog="omnijet simulate", description="Simulate JetClass-like jets "
@@ -28,6 +29,7 @@ def _simulate(argv) -> int:
         raise OmnijetError(f"--per-class must be positive, got {a.per_class}")
     if a.workers <= 0:
         raise OmnijetError(f"--workers must be positive, got {a.workers}")
+    class_selection(a.classes, "--classes")  # an empty --classes would simulate nothing
     for p in simulate_dataset(a.out, per_class=a.per_class, seed=a.seed, workers=a.workers, classes=a.classes):
         print(p)
     return 0

@@ -91,8 +91,84 @@ def _source_cell(nb: Path, cell_index: int, injected: bool) -> int:
     return cell_index + (1 if cell_index < at else 0)
 
 
+#: Parameters whose type the default does not show (a ``None`` default, or a second form):
+#: name -> accepted kinds ("int", "float", "str", "list[str]", "dict", ...). ``None`` is always
+#: accepted where the default is ``None``.
+PARAMETER_TYPES = {
+    "data_files": ("str", "list[str]"),
+    "finetune_files": ("str", "list[str]"),
+    "checkpoint_dir": ("str",),
+    "backbone_path": ("str",),
+    "tokenizer_path": ("str",),
+    "gpt_per_class": ("int",),
+    "blob_tokens": ("int",),
+    "patience": ("int",),
+    "lr_scratch": ("float",),
+    "max_epochs": ("int", "dict[int, int]"),
+}
+
+
+def _kind(value) -> str:
+    """``int``, ``float``, ``str``, ``bool``, ``None``, ``list[int]``, ``dict[int, int]``, ... of a YAML value."""
+    if value is None:
+        return "None"
+    if isinstance(value, (bool, int, float, str)):
+        return type(value).__name__
+    if isinstance(value, list):
+        inner = sorted({_kind(v) for v in value})
+        return f"list[{' | '.join(inner)}]" if inner else "list"
+    if isinstance(value, dict):
+        keys, vals = sorted({_kind(k) for k in value}), sorted({_kind(v) for v in value.values()})
+        return f"dict[{' | '.join(keys)}, {' | '.join(vals)}]" if value else "dict"
+    return type(value).__name__
+
+
+def _fits(value, kind: str) -> bool:
+    """Whether ``value`` is of ``kind`` (an empty list or dict fits any list or dict kind; an int
+    fits float; anything fits a bare ``list``/``dict``)."""
+    have = _kind(value)
+    if have == kind or (kind == "float" and have == "int"):
+        return True
+    for container in ("list", "dict"):
+        if kind.startswith(container) and have.startswith(container):
+            if kind == container or have == container:
+                return True
+            inner = kind[len(container) + 1:-1].split(", ")
+            if container == "list":
+                return all(_fits(v, inner[0]) for v in value)
+            return all(_fits(k, inner[0]) and _fits(v, inner[1]) for k, v in value.items())
+    return False
+
+
+def _expected_kinds(name: str, default) -> tuple[str, ...]:
+    if name in PARAMETER_TYPES:
+        return PARAMETER_TYPES[name] + (("None",) if default is None else ())
+    if isinstance(default, dict):  # model/trainer overrides: their keys are checked where they are used
+        return ("dict",)
+    kind = _kind(default)  # a list keeps the element type of its default when that has one
+    return (kind if " | " not in kind else "list",)
+
+
+def check_parameter(where: str, name: str, value, default) -> None:
+    """One line naming ``where`` (profile file and section) and ``name`` when ``value`` does not
+    have the type of the notebook's default (or one of :data:`PARAMETER_TYPES`)."""
+    kinds = _expected_kinds(name, default)
+    if any(_fits(value, k) for k in kinds):
+        return
+    hint = ""
+    if isinstance(value, str) and any(k in ("int", "float") for k in kinds):
+        try:
+            float(value)
+            hint = " (text in YAML: write it without quotes" + (", with a dot: 1.0e-4, not 1e-4)" if "e" in value.lower() else ")")
+        except ValueError:
+            pass
+    raise OmnijetError(f"{where}: {name} must be {' or '.join(kinds)} (default: {default!r}), "
+                       f"got {_kind(value)} {value!r}{hint}")
+
+
 def resolve_parameters(profile: dict, nbs: list[Path]) -> dict[Path, dict]:
-    """Per-notebook parameters from a profile; unknown keys and sections raise OmnijetError."""
+    """Per-notebook parameters from a profile; unknown keys and sections, and values whose type
+    is not that of the notebook's default, raise OmnijetError naming the file, section and key."""
     path = profile.get("_path", "profile")
     declared = {nb: declared_parameters(nb) for nb in nbs}
     stems = {nb.stem for nb in nbs}
@@ -112,7 +188,10 @@ def resolve_parameters(profile: dict, nbs: list[Path]) -> dict[Path, dict]:
                                f"(it declares: {', '.join(declared[nb])})")
         params = {k: v for k, v in common.items() if k in declared[nb]}
         params.update(own)
+        defaults = _defaults(nb)
         for k, v in params.items():
+            where = f"{path}: section {nb.stem if k in own else 'common'}"
+            check_parameter(where, k, v, defaults.get(k))
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
                 raise OmnijetError(f"{path}: {nb.stem}.{k} = {v} must not be negative")
         out[nb] = params
@@ -124,7 +203,11 @@ def run_figures(profile: str = "ci", only: list[str] | None = None, out_dir: Pat
     """Execute the notebooks in order; stop at the first failure naming notebook and cell.
     While a notebook runs, a line every ``progress_every`` seconds says which cell (n of N) and
     for how long; the total comes at the end."""
-    plan = resolve_parameters(load_profile(profile), notebooks())  # validate the whole profile
+    loaded = load_profile(profile)
+    plan_path = loaded["_path"]
+    plan = resolve_parameters(loaded, notebooks())  # validate the whole profile
+    if only is not None and not [o for o in only if o.strip()]:
+        raise OmnijetError("--only names no notebook; give prefixes such as 00 02_generation, or leave it out")
     if only:
         plan = {nb: p for nb, p in plan.items() if any(nb.stem.startswith(o) for o in only)}
         if not plan:
@@ -133,13 +216,14 @@ def run_figures(profile: str = "ci", only: list[str] | None = None, out_dir: Pat
 
     out_dir = Path(out_dir or NOTEBOOKS / "executed")
     out_dir.mkdir(parents=True, exist_ok=True)
-    done, gpu_hours, t_all = [], 0.0, time.time()
+    done, gpu_hours, t_all, missing = [], 0.0, time.time(), []
     for nb, params in plan.items():
         print(f"[{nb.stem}] {', '.join(f'{k}={v}' for k, v in params.items()) or 'defaults'}", flush=True)
         if dry_run:  # what the run would need: data present?, sizes, steps, GPU hours
             cost = estimate_cost(nb.stem, {**_defaults(nb), **params})
             print("\n".join(f"    {line}" for line in cost["lines"]), flush=True)
             gpu_hours += cost["gpu_hours"]
+            missing += [nb.stem] if any("MISSING" in line for line in cost["lines"]) else []
             continue
         target = out_dir / nb.name
         t0 = time.time()
@@ -162,6 +246,9 @@ def run_figures(profile: str = "ci", only: list[str] | None = None, out_dir: Pat
     if dry_run:
         print(f"total: ~{gpu_hours:.3g} GPU-hours of training and sampling (estimate; see GPU_JETS_PER_S "
               f"in omnijet_lib/figures.py for the assumed throughputs)")
+        if missing:  # the profile is valid, but a real run would fail on its inputs
+            raise OmnijetError(f"{plan_path}: inputs missing for {', '.join(missing)} (the MISSING lines "
+                               f"above); download them or change the profile")
     return done
 
 
@@ -453,7 +540,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="omnijet figures", description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="ci", help="ci | quick | paper | path to a YAML file")
     ap.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 00 02_generation")
-    ap.add_argument("--dry-run", action="store_true", help="validate the profile, run nothing")
+    ap.add_argument("--dry-run", action="store_true", help="validate the profile and check its inputs, run "
+                    "nothing (exit status 1 when inputs are missing)")
     ap.add_argument("--store-checks", action="store_true",
                     help="afterwards, store the check-cell outputs in the source notebooks (maintainers, ci profile)")
     args = ap.parse_args(argv)
