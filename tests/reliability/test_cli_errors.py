@@ -37,9 +37,21 @@ CASES = {
                         ["{d}/taken: output path exists and is not a directory"]),
     "sim_out_parent_is_file": (["simulate", "--per-class", "5", "--out", "{d}/taken/sim"],
                                ["{d}/taken/sim: Not a directory"]),
+    "sim_no_classes": (["simulate", "--per-class", "5", "--out", "{d}/sim", "--classes"],
+                       ["--classes names no class, so nothing would be selected"]),
+    "tok_no_classes": (["tokenize", "--tokenizer", "{d}/t.safetensors", "--in", "{d}/x.root", "--out", "{d}/o",
+                        "--classes"], ["--classes names no class, so nothing would be selected"]),
+    "figures_only_empty": (["figures", "--only"], ["--only names no notebook"]),
+    "profile_wrong_type": (["figures", "--profile", "{d}/typed.yaml", "--dry-run"],
+                           ["{d}/typed.yaml: section 01_token_quality: codebook_sizes must be list[int] "
+                            "(default: [64, 256]), got int 512"]),
+    "dry_run_missing_input": (["figures", "--profile", "{d}/missing.yaml", "--dry-run", "--only", "00"],
+                              ["{d}/missing.yaml: inputs missing for 00_dataset (the MISSING lines above)"]),
 }
 
 FILES = {
+    "profile_wrong_type": {"typed.yaml": "01_token_quality:\n  codebook_sizes: 512\n"},
+    "dry_run_missing_input": {"missing.yaml": "00_dataset:\n  data_files: no_such_folder/*.root\n"},
     "yaml_syntax": {"broken.yaml": "common:\n  per_class: 10\n  seed: [1, 2\n"},
     "yaml_not_mapping": {"list.yaml": "- per_class\n- 10\n"},
     "param_typo_common": {"typo.yaml": "common:\n  per_clas: 10\n"},
