@@ -35,7 +35,7 @@ def test_bad_yaml_and_negative_values(tmp_path):
     with pytest.raises(OmnijetError, match=r"broken.yaml: line \d+ invalid YAML"):
         load_profile(p)
     p.write_text("common:\n  per_class: -5\n")
-    with pytest.raises(OmnijetError, match="per_class = -5 must not be negative"):
+    with pytest.raises(OmnijetError, match="per_class must be positive, got -5"):
         resolve_parameters(load_profile(p), notebooks())
     with pytest.raises(OmnijetError, match="profile not found"):
         load_profile("no_such_profile")

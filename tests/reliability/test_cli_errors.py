@@ -27,7 +27,7 @@ CASES = {
     "param_typo_common": (["figures", "--profile", "{d}/typo.yaml", "--dry-run"],
                           ["{d}/typo.yaml: common parameter(s) per_clas not declared by any notebook"]),
     "negative_size": (["figures", "--profile", "{d}/negative.yaml", "--dry-run"],
-                      ["{d}/negative.yaml: 00_dataset.per_class = -300 must not be negative"]),
+                      ["{d}/negative.yaml: section 00_dataset: per_class must be positive, got -300"]),
     "sim_negative": (["simulate", "--per-class", "-5", "--out", "{d}/sim"], ["--per-class must be positive, got -5"]),
     "sim_workers": (["simulate", "--per-class", "5", "--workers", "0", "--out", "{d}/sim"],
                     ["--workers must be positive, got 0"]),
