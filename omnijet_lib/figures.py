@@ -450,10 +450,15 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
         runs.append(("tokenizer (if not reused)", "vqvae", n, p.get("tokenizer_epochs", 1), 512))
         for label, share in (("GPT q/g + t->bqq'", 1.0), ("GPT q/g", 0.5), ("GPT t->bqq'", 0.5)):
             runs.append((label, "gpt", 0.9 * share * pair, p.get("epochs", 1), p.get("batch_size", 256)))
-        gen = 3 * p.get("n_generate", 0)
+        fractions = [f for f in p.get("scaling_fractions", []) if f < 1]
+        for f in fractions:  # the same optimizer steps as the full combined backbone
+            runs.append((f"GPT data scaling, {f:g} of the jets", "gpt", 0.9 * f * pair,
+                         max(1, round(p.get("epochs", 1) / f)), p.get("batch_size", 256)))
+        models = 3 + len(fractions)
+        gen = models * p.get("n_generate", 0)
         runs.append((f"generation of {gen} jets", "gpt_generate", gen, 1, None))
         runs.append((f"classifier test x{len(p.get('classifier_seeds', []))} seeds", "deepsets",
-                     3 * 0.6 * 2 * p.get("n_generate", 0) * len(p.get("classifier_seeds", [])),
+                     models * 0.6 * 2 * p.get("n_generate", 0) * len(p.get("classifier_seeds", [])),
                      p.get("classifier_epochs", 1), p.get("classifier_batch_size", 256)))
     elif stem.startswith("03"):
         pool = max(n - p.get("n_test", 0), 0)

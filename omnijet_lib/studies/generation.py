@@ -20,7 +20,7 @@ import torch
 
 from ..io import OmnijetError
 
-__all__ = ["decode_generated", "ensure_gpt", "classifier_test", "w1_scores", "time_generation"]
+__all__ = ["decode_generated", "ensure_gpt", "classifier_test", "w1_scores", "time_generation", "data_scaling"]
 
 
 def decode_generated(tok, seq, mask=None, max_len: int = 128) -> tuple[np.ndarray, np.ndarray]:
@@ -136,3 +136,37 @@ def w1_scores(real_x, real_mask, gen_x, gen_mask, real_obs: dict | None = None, 
         for k in sorted(set(real_obs) & set(gen_obs)):
             out[f"w1_{k}"] = w1(real_obs[k], gen_obs[k])
     return out
+
+
+def data_scaling(tok, seq, seq_mask, real_x, real_mask, fractions, config, models_dir, epochs: int,
+                 batch_size: int, n_generate: int, generate_batch_size: int = 256, temperature: float = 1.0,
+                 seeds=(0, 1, 2), classifier_epochs: int = 100, classifier_batch_size: int = 256,
+                 train_config=None, seed: int = 0, progress=print) -> list[dict]:
+    """Classifier-test AUC against the number of pre-training jets: for each fraction ``f`` of the
+    sequences ``(seq, seq_mask)`` (a random subset), a GPT with ``config`` is trained with the
+    same number of optimizer steps as ``epochs`` over all of them (``epochs / f`` epochs, so the
+    points differ in data, not in compute), generates ``n_generate`` jets, and the classifier test
+    compares them with ``(real_x, real_mask)``. Models are kept in ``models_dir/gpt_scaling_<f>/``.
+    Returns one dict per fraction: ``fraction, train_jets, epochs, train_seconds, auc_mean, auc_std,
+    mean_multiplicity_generated``."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, f in enumerate(fractions):
+        if not 0 < f <= 1:
+            raise OmnijetError(f"data_scaling: fraction {f} is not in (0, 1]")
+        n = max(1, int(round(f * len(seq))))
+        pick = np.sort(rng.choice(len(seq), n, replace=False))
+        ep = max(1, int(round(epochs / f)))
+        model, seconds = ensure_gpt(Path(models_dir) / f"gpt_scaling_{f:g}" / "gpt.safetensors", seq[pick],
+                                    seq_mask[pick], config, epochs=ep, batch_size=batch_size,
+                                    train_config=train_config, seed=seed, progress=progress)
+        s, m, _ = time_generation(model, n_generate, generate_batch_size, temperature, seed=seed + 100 + i)
+        gx, gm = decode_generated(tok, s, m)
+        ct = classifier_test(real_x, real_mask, gx, gm, seeds=seeds, epochs=classifier_epochs,
+                             batch_size=classifier_batch_size, train_config=train_config)
+        out.append({"fraction": float(f), "train_jets": int(n), "epochs": ep, "train_seconds": round(seconds, 1),
+                    "auc_mean": ct["auc_mean"], "auc_std": ct["auc_std"],
+                    "mean_multiplicity_generated": float(gm.sum(1).mean())})
+        progress(f"{n} pre-training jets ({ep} epochs): classifier AUC {ct['auc_mean']:.3f} ± {ct['auc_std']:.3f}")
+    return out
+
