@@ -91,3 +91,25 @@ def test_w1_scores():
     shifted = w1_scores(x, mask, xs, mask)
     assert shifted["w1p_eta_rel_scaled"] == pytest.approx(3.0, abs=0.3)
     assert shifted["w1p_log_pt_scaled"] < 0.25
+
+
+def test_data_scaling_trains_each_fraction_with_the_same_steps(tmp_path):
+    from omnijet_lib.studies.generation import data_scaling
+
+    tok = _binned()
+    x, mask = _jets(60, seed=2)
+    seq, seq_mask = tok.to_sequence(tokenize(tok, x, mask), mask)
+    config = GPTConfig(vocab_size=tok.vocab_size, n_embd=8, n_head=2, n_layer=1, ffn=16)
+    kw = dict(epochs=2, batch_size=16, n_generate=20, seeds=[0], classifier_epochs=1, train_config=QUIET,
+              progress=lambda msg: None)
+    x128, m128 = np.zeros((60, 128, 3), np.float32), np.zeros((60, 128), bool)  # as decode_generated gives
+    x128[:, :8], m128[:, :8] = x, mask
+    x, mask = x128, m128
+    points = data_scaling(tok, seq, seq_mask, x, mask, [0.25, 0.5], config, tmp_path, **kw)
+    assert [(p["train_jets"], p["epochs"]) for p in points] == [(15, 8), (30, 4)]
+    assert all(0 <= p["auc_mean"] <= 1 for p in points)
+    assert (tmp_path / "gpt_scaling_0.25" / "gpt.safetensors").is_file()
+    again = data_scaling(tok, seq, seq_mask, x, mask, [0.25], config, tmp_path, **kw)
+    assert again[0]["train_seconds"] == 0.0  # reused, not retrained
+    with pytest.raises(OmnijetError, match="fraction 1.5 is not in"):
+        data_scaling(tok, seq, seq_mask, x, mask, [1.5], config, tmp_path, **kw)
