@@ -117,10 +117,25 @@ def _device_of(tok) -> torch.device:
 
 
 def _check_padded(x, mask, name="x"):
-    x = np.asarray(x)
-    mask = np.asarray(mask, bool)
-    if x.ndim != 3 or mask.shape != x.shape[:2]:
+    """Padded features as :func:`~omnijet_lib.data.to_padded` makes them: (N, L, 3) numbers, a
+    (N, L) mask of 0/1 with each jet's real entries first, finite values at the real entries."""
+    x, mask = np.asarray(x), np.asarray(mask)
+    if x.dtype.kind not in "fiu" or mask.dtype.kind not in "biuf":
+        raise OmnijetError(f"{name} ({x.dtype}) and mask ({mask.dtype}) must hold numbers and booleans")
+    if x.ndim != 3 or x.shape[2] != 3 or mask.shape != x.shape[:2]:
         raise OmnijetError(f"{name} {x.shape} and mask {mask.shape} must be (N, L, 3) and (N, L)")
+    if mask.dtype.kind != "b":
+        if ((mask != 0) & (mask != 1)).any():
+            raise OmnijetError(f"mask holds values other than 0 and 1 (e.g. {mask[(mask != 0) & (mask != 1)][0]})")
+        mask = mask.astype(bool)
+    holes = mask[:, 1:] & ~mask[:, :-1]  # a real entry after padding
+    if holes.any():
+        raise OmnijetError(f"mask: jet {int(np.argmax(holes.any(1)))} has padding before a real entry; "
+                           f"real constituents must come first")
+    bad = ~np.isfinite(x).all(-1) & mask
+    if bad.any():
+        raise OmnijetError(f"{name} holds NaN/inf at {int(bad.sum())} real constituents "
+                           f"(first: jet {int(np.argmax(bad.any(1)))})")
     return x, mask
 
 

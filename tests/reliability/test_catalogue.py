@@ -8,7 +8,7 @@ was, or (where it does not read the damaged part) return the same result as for 
 * ROOT files: ``read_jetclass``, ``iter_jetclass``, ``load_padded``, ``tokenize_files`` and
   ``omnijet tokenize`` (in process);
 * jets in memory: ``write_jetclass``;
-* tokenizer checkpoints: ``load_tokenizer`` and ``tokenize_files``;
+* tokenizer checkpoints: ``load_tokenizer`` and ``tokenize_files``; padded arrays: ``tokenize``;
 * parameter profiles: ``resolve_parameters`` and ``omnijet figures --dry-run`` (in process).
 
 The command-line arguments themselves are catalogued in ``test_cli_errors.py`` (subprocesses).
@@ -381,6 +381,65 @@ def test_tokenizer_catalogue(case, entry, tmp_path, intact, tokenizer):
         else:
             tokenize_files(path, intact, tmp_path / "shards", chunk=5, device="cpu")
     assert not (tmp_path / "shards").exists()
+
+
+# ------------------------------------------------------------------------- tokenize (arrays)
+def _padded(case):
+    from omnijet_lib.data import constituent_features, to_padded
+
+    x, mask = to_padded(constituent_features(random_jets(6)), max_len=32)
+    if case == "nan_real":
+        x[2, 0, 1] = np.nan
+    elif case == "inf_real":
+        x[4, 1, 0] = np.inf
+    elif case == "nan_padding":   # not a constituent: ignored
+        x[0, -1, 0] = np.nan
+    elif case == "four_features":
+        x = np.concatenate([x, x[..., :1]], -1)
+    elif case == "flat":
+        x = x.reshape(len(x), -1)
+    elif case == "mask_shape":
+        mask = mask[:, :-1]
+    elif case == "mask_hole":
+        mask[3, 0] = False
+    elif case == "mask_values":
+        mask = mask.astype(np.float32) * 2
+    elif case == "text":
+        x = x.astype(str)
+    elif case == "empty":
+        x, mask = x[:0], mask[:0]
+    return x, mask
+
+
+TOKENIZE = {
+    "nan_real": "x holds NaN/inf at 1 real constituents (first: jet 2)",
+    "inf_real": "x holds NaN/inf at 1 real constituents (first: jet 4)",
+    "nan_padding": None,
+    "four_features": "x (6, 32, 4) and mask (6, 32) must be (N, L, 3) and (N, L)",
+    "flat": "x (6, 96) and mask (6, 32) must be (N, L, 3) and (N, L)",
+    "mask_shape": "x (6, 32, 3) and mask (6, 31) must be (N, L, 3) and (N, L)",
+    "mask_hole": "mask: jet 3 has padding before a real entry",
+    "mask_values": "mask holds values other than 0 and 1 (e.g. 2.0)",
+    "text": "must hold numbers and booleans",
+    "empty": None,
+}
+
+
+@pytest.mark.parametrize("case", sorted(TOKENIZE))
+def test_tokenize_catalogue(case, tokenizer):
+    from omnijet_lib.tokenizers import tokenize
+
+    tok = load_tokenizer(tokenizer)
+    x, mask = _padded(case)
+    if TOKENIZE[case] is None:  # the same tokens as for the intact arrays (or none)
+        ref_x, ref_mask = _padded("intact")
+        out = tokenize(tok, x, mask)
+        assert out.shape == mask.shape
+        if len(out):
+            np.testing.assert_array_equal(out, tokenize(tok, ref_x, ref_mask))
+        return
+    with one_line_error(TOKENIZE[case]):
+        tokenize(tok, x, mask)
 
 
 # ------------------------------------------------------------------------- parameter profiles
