@@ -10,7 +10,7 @@ import official_format as of
 from omnijet_lib.figures import PARAMS, run_figures
 
 # What makes the profile "published"; every size in it reverts to the notebooks' ci defaults.
-KEEP = {"checkpoint_dir", "kinds", "epic_config"}
+KEEP = {"checkpoint_dir", "kinds", "epic_config", "scaling_fractions"}  # the published profile trains no backbone
 
 
 def test_published_profile_at_ci_size(tmp_path, capfd):
@@ -33,6 +33,7 @@ def test_published_profile_at_ci_size(tmp_path, capfd):
     assert not (models / "tokenizer_conditional_32" / "run.json").exists()
     assert list(metrics["02"]["models"]) == ["combined"] and metrics["02"]["vocab_size"] == 34
     assert metrics["02"]["gpt_config"]["n_embd"] == 16 and metrics["02"]["models"]["combined"]["train_seconds"] == 0
+    assert [p["fraction"] for p in metrics["02"]["data_scaling"]] == [1.0]  # no backbone trained on subsets
     assert metrics["03"]["backbone"] == str(models / "gpt_combined" / "gpt.safetensors")
     assert metrics["04"]["gpt_path"] == str(models / "gpt_combined" / "gpt.safetensors")
     assert metrics["05"]["num_codes"] == 32
