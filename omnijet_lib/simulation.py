@@ -599,8 +599,7 @@ def simulate_dataset(out_dir, per_class: int, seed: int = 1, workers: int = 2,
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OmnijetError(f"{out_dir}: output path exists and is not a directory")
-    labels = class_selection(classes) or list(range(len(CLASS_LABELS)))
-    labels = sorted(set(labels))
+    labels = class_selection(classes) or list(range(len(CLASS_LABELS)))  # sorted, unique
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_manifest(out_dir, cfg)
 
