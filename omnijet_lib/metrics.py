@@ -279,6 +279,37 @@ def jet_mass(x, mask) -> np.ndarray:
     return mass_of(features_to_p4((np.asarray(x), np.asarray(mask, bool))))
 
 
+def mass_peaks(mass, windows=((0.0, 120.0), (130.0, 230.0)), bin_width: float = 10.0) -> dict:
+    """Does a jet-mass distribution [GeV] have a peak in each of two windows (q/g, top)?
+
+    Histograms ``mass`` in ``bin_width`` bins and takes the fullest bin of each window; the dip is
+    the emptiest bin between the two. A peak counts when it stands out of the dip by at least three
+    standard deviations of the counts, (peak − dip) / sqrt(peak + dip) ≥ 3. Returns the peak and dip
+    positions (bin centres, GeV), counts, significances and ``both_peaks``.
+    """
+    mass = np.asarray(mass, dtype=float)
+    (lo, hi), (lo2, hi2) = windows
+    if not lo < hi <= lo2 < hi2:
+        raise OmnijetError(f"mass_peaks: windows must be ordered and disjoint, got {windows}")
+    edges = np.arange(lo, hi2 + bin_width / 2, bin_width)
+    counts, _ = np.histogram(mass, edges)
+    centres = (edges[:-1] + edges[1:]) / 2
+    first = np.flatnonzero(centres < hi)
+    second = np.flatnonzero(centres > lo2)
+    i, j = first[np.argmax(counts[first])], second[np.argmax(counts[second])]
+    between = counts[i + 1:j]
+    dip = int(between.min()) if len(between) else int(min(counts[i], counts[j]))
+    k = i + 1 + int(np.argmin(between)) if len(between) else (i if counts[i] <= counts[j] else j)
+
+    def significance(peak):
+        return float((peak - dip) / np.sqrt(peak + dip)) if peak + dip > 0 else 0.0
+
+    sig = [significance(int(counts[i])), significance(int(counts[j]))]
+    return {"qg_peak_gev": float(centres[i]), "top_peak_gev": float(centres[j]), "dip_gev": float(centres[k]),
+            "counts": [int(counts[i]), dip, int(counts[j])], "significance": sig,
+            "both_peaks": bool(len(between) > 0 and min(sig) >= 3)}
+
+
 # --------------------------------------------------------------------------- classifiers
 def roc_auc(labels, scores) -> float:
     """Area under the ROC curve for binary ``labels`` (1 = positive) and ``scores``

@@ -11,7 +11,7 @@ import pytest
 
 from omnijet_lib.io import OmnijetError
 from omnijet_lib.metrics import (
-    FPD_EFP_SET, W1EFP_SET, efps, fpd, frechet_distance, kpd, w1, w1efp, w1m, w1p,
+    FPD_EFP_SET, W1EFP_SET, efps, fpd, frechet_distance, kpd, mass_peaks, w1, w1efp, w1m, w1p,
 )
 
 
@@ -186,3 +186,17 @@ def test_roc_auc_known_cases():
     assert roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5
     # one inverted pair out of 2 x 2
     assert roc_auc([0, 0, 1, 1], [0.1, 0.7, 0.6, 0.9]) == 0.75
+
+
+def test_mass_peaks_tells_one_peak_from_two():
+    rng = np.random.default_rng(0)
+    qg, top = rng.normal(60, 15, 1000), rng.normal(170, 15, 1000)
+    two = mass_peaks(np.concatenate([qg, top]))
+    assert two["both_peaks"] and abs(two["qg_peak_gev"] - 60) <= 10 and abs(two["top_peak_gev"] - 170) <= 10
+    assert 90 <= two["dip_gev"] <= 140
+    one = mass_peaks(np.concatenate([qg, rng.normal(60, 15, 1000)]))   # q/g only: no top peak
+    assert not one["both_peaks"] and one["significance"][1] < 3
+    smear = mass_peaks(rng.uniform(0, 230, 2000))                       # flat: neither stands out
+    assert not smear["both_peaks"]
+    with pytest.raises(OmnijetError, match="windows"):
+        mass_peaks(qg, windows=((100, 200), (50, 60)))
