@@ -434,7 +434,8 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
         train = 0.6 * n  # 60/20/20 split; the tokenizer keeps 10% of its share for validation
         for kind in vq_kinds:
             for K in p.get("codebook_sizes", []):
-                runs.append((f"VQ-VAE {kind} K={K}", "vqvae", 0.9 * train, p.get("epochs", 1), p.get("batch_size", 512)))
+                epochs = (p.get("epochs_per_size") or {}).get(K, p.get("epochs", 1))
+                runs.append((f"VQ-VAE {kind} K={K}", "vqvae", 0.9 * train, epochs, p.get("batch_size", 512)))
         n_inputs = 1 + len(vq_kinds) * len(p.get("codebook_sizes", [])) + \
             (len(p.get("binned_bins", [])) if "binned" in p.get("kinds", []) else 0)
         for arch in p.get("classifier_kw", {}) or {}:

@@ -80,3 +80,11 @@ def test_progress_line_names_the_running_cell(tmp_path):
     finally:
         builtins.print = real_print
     assert len(lines) >= 3 and all(line.startswith("[01] starting") for line in lines)
+
+
+def test_cost_counts_epochs_per_codebook_size():
+    from omnijet_lib.figures import _cost_runs
+
+    p = {"kinds": ["conditional"], "codebook_sizes": [512, 8192], "epochs": 8, "epochs_per_size": {8192: 16}}
+    epochs = {label: e for label, _, _, e, _ in _cost_runs("01_token_quality", p, 1000)}
+    assert epochs == {"VQ-VAE conditional K=512": 8, "VQ-VAE conditional K=8192": 16}
