@@ -27,6 +27,7 @@ __all__ = [
     "atomic_path",
     "write_json",
     "file_sha256",
+    "array_digest",
     "save_checkpoint",
     "load_checkpoint",
     "check_finite_weights",
@@ -93,6 +94,20 @@ def file_sha256(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+    return h.hexdigest()
+
+
+def array_digest(*arrays) -> str:
+    """sha256 (hex) of arrays' dtypes, shapes and bytes: a fingerprint of the data a model saw."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.dtype, a.shape)).encode())
+        h.update(a.tobytes())
     return h.hexdigest()
 
 

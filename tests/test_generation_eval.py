@@ -1,6 +1,8 @@
 """Evaluation helpers of notebook 02: decoding generated sequences, backbones on disk, the
 classifier test and W1 scores."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -59,6 +61,14 @@ def test_ensure_gpt_trains_loads_and_replaces(tmp_path):
     cfg2 = GPTConfig(vocab_size=tok.vocab_size, n_embd=8, n_head=2, n_layer=1, ffn=16, max_len=seq.shape[1])
     m3, s3 = ensure_gpt(path, seq, seq_mask, cfg2, epochs=1, batch_size=16, train_config=QUIET, progress=lambda *_: None)
     assert s3 > 0 and m3.config == cfg2
+    # same network, other training settings or other sequences: retrained, not resumed
+    quiet = dict(batch_size=16, train_config=QUIET, progress=lambda *_: None)
+    assert ensure_gpt(path, seq, seq_mask, cfg2, epochs=1, **quiet)[1] == 0
+    assert ensure_gpt(path, seq, seq_mask, cfg2, epochs=2, **quiet)[1] > 0
+    official = TrainConfig(progress_bar=False, accelerator="cpu", devices=1, schedule="official")
+    assert ensure_gpt(path, seq, seq_mask, cfg2, epochs=2, **{**quiet, "train_config": official})[1] > 0
+    assert ensure_gpt(path, seq[::-1], seq_mask[::-1], cfg2, epochs=2, **{**quiet, "train_config": official})[1] > 0
+    assert json.loads((path.parent / "gpt.run.json").read_text())["schedule"] == "official"
 
 
 def test_classifier_test_separates_only_different_samples():

@@ -313,3 +313,29 @@ def test_training_loss_weights_every_target_alike_across_bucketed_batches():
         logits = module.model(seq[:, :-1], mask[:, :-1])
         total = F.cross_entropy(logits.flatten(0, 1), seq[:, 1:].flatten(), reduction="sum")
         assert torch.allclose(loss, total / (3 * 6.0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["one_cycle", "official"])
+def test_lr_schedule(schedule):
+    """Default: one-cycle over the optimiser steps (peak at 30%, ends near 0); official: lr / 3
+    in the first epoch, then constant."""
+    from types import SimpleNamespace
+
+    from omnijet_lib.training.gpt import GPTModule
+
+    module = GPTModule(GPTConfig(vocab_size=10, n_embd=16, n_head=2, n_layer=1, ffn=32, max_len=12), lr=1e-3,
+                       first_epoch_lr_factor=1 / 3, schedule=schedule)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=100)
+    entry = module.configure_optimizers()
+    opt, sched = entry["optimizer"], entry["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    if schedule == "one_cycle":
+        assert entry["lr_scheduler"]["interval"] == "step"
+        assert lrs[0] == pytest.approx(1e-3 / 25) and int(np.argmax(lrs)) == 30 and lrs[-1] < 1e-7
+    else:
+        assert entry["lr_scheduler"]["interval"] == "epoch"
+        assert lrs[0] == pytest.approx(1e-3 / 3) and lrs[1:] == pytest.approx([1e-3] * 99)

@@ -19,7 +19,8 @@ from omnijet_lib.tokenizers import (
     save_tokenizer,
     tokenize,
 )
-from omnijet_lib.training.vqvae import codebook_stats, make_tokenizer, one_cycle, train_tokenizer
+from omnijet_lib.training.fit import one_cycle
+from omnijet_lib.training.vqvae import codebook_stats, make_tokenizer, train_tokenizer
 
 SMALL = dict(hidden_dim=16, num_blocks=1, num_heads=2, mlp_hidden=16, num_codes=32)
 

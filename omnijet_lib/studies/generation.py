@@ -11,6 +11,8 @@ reconstructed real jets on a 60/20/20 split; the test AUC is 0.5 for a perfect g
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import OmnijetError
+from ..io import OmnijetError, array_digest, write_json
 
 __all__ = ["decode_generated", "ensure_gpt", "classifier_test", "w1_scores", "time_generation", "data_scaling"]
 
@@ -47,27 +49,38 @@ def decode_generated(tok, seq, mask=None, max_len: int = 128) -> tuple[np.ndarra
 
 def ensure_gpt(path, seq, seq_mask, config, epochs: int, batch_size: int = 256, train_config=None,
                seed: int = 0, progress=print):
-    """The GPT at ``path`` (``.../gpt.safetensors``) when it exists with this ``config``, else one
-    trained on ``(seq, seq_mask)`` and saved there. Returns ``(model, seconds spent training)``.
+    """The GPT at ``path`` (``.../gpt.safetensors``) when it exists and was trained with these
+    settings, else one trained on ``(seq, seq_mask)`` and saved there. Returns ``(model, seconds
+    spent training)``.
 
-    A model with another configuration (e.g. another vocabulary) in that folder is replaced,
-    together with its checkpoints, so that training does not resume from it."""
+    The settings (``config``, epochs, batch size, seed, the training procedure and a fingerprint
+    of the sequences, so a retrained tokenizer counts) are kept next to the model in
+    ``<name>.run.json``. A model trained otherwise (or without that record) is replaced, together
+    with its checkpoints, so that training does not resume from it."""
+    from ..training.fit import TrainConfig
     from ..training.gpt import load_gpt, train_gpt
 
     path = Path(path)
+    record = path.with_name(path.stem + ".run.json")
+    settings = {"config": dataclasses.asdict(config), "epochs": int(epochs), "batch_size": int(batch_size),
+                "seed": int(seed), "jets": len(seq),
+                "sequences": array_digest(np.asarray(seq, np.int64), np.asarray(seq_mask, bool))[:16],
+                **(train_config or TrainConfig()).procedure}
     if path.is_file():
-        model = load_gpt(path)
-        if model.config == config:
+        old = json.loads(record.read_text()) if record.is_file() else {}
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if not diff:
             progress(f"loaded {path}")
-            return model, 0.0
-        progress(f"{path}: configuration {model.config} differs from {config}; retraining")
-        for old in [path, *path.parent.glob("*.ckpt")]:
-            old.unlink()
+            return load_gpt(path), 0.0
+        progress(f"{path}: trained with other settings ({', '.join(diff)}); retraining")
+        for old in [path, record, *path.parent.glob("*.ckpt")]:
+            old.unlink(missing_ok=True)
     t0 = time.perf_counter()
     model = train_gpt(seq, seq_mask, out_dir=path.parent, config=config, epochs=epochs, batch_size=batch_size,
                       train_config=train_config, seed=seed)
     if path.name != "gpt.safetensors":
         os.replace(path.parent / "gpt.safetensors", path)
+    write_json(record, settings)
     seconds = time.perf_counter() - t0
     progress(f"trained {path} in {seconds:.0f} s")
     return model.eval(), seconds

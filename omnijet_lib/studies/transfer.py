@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import OmnijetError, file_sha256, write_json
+from ..io import OmnijetError, array_digest, file_sha256, write_json
 from ..models.classifier import backbone_config_of
 from ..models.gpt import GPTConfig
 from ..training.fit import TrainConfig
@@ -101,15 +101,6 @@ def available_sizes(y, pool, sizes) -> tuple[list[int], list[int]]:
 
 
 # ---------------------------------------------------------------------------- one run
-def _digest(*arrays) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str((a.dtype, a.shape)).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
 def run_transfer_study(seq, mask, y, split: dict, sizes, seeds, backbone_path, tokenizer_vocab: int | None = None,
                        out_dir=None, strategies=STRATEGIES, max_epochs: int | dict = 100, patience: int | None = None,
                        lr: float = 1e-4, lr_scratch: float | None = None, weight_decay: float = 1e-2,
@@ -147,7 +138,7 @@ def run_transfer_study(seq, mask, y, split: dict, sizes, seeds, backbone_path, t
     va, te = split["val"], split["test"]
     base = {"version": STUDY_VERSION, "backbone": file_sha256(backbone_path), "vocab": tokenizer_vocab,
             "weight_decay": weight_decay, "batch_size": batch_size,
-            "data": _digest(seq[va], mask[va], y[va], seq[te], mask[te], y[te]),
+            "data": array_digest(seq[va], mask[va], y[va], seq[te], mask[te], y[te]),
             "trainer": {k: v for k, v in (trainer or {}).items() if k != "progress_bar"}}
     results = []
     for size in sizes:
@@ -157,7 +148,7 @@ def run_transfer_study(seq, mask, y, split: dict, sizes, seeds, backbone_path, t
                 rate = lr_scratch if (strategy == "from_scratch" and lr_scratch is not None) else lr
                 pat = paper_patience(size) if patience is None else patience
                 settings = {**base, "strategy": strategy, "size": size, "seed": int(seed), "lr": rate,
-                            "max_epochs": caps[size], "patience": pat, "train": _digest(seq[tr], mask[tr], y[tr])}
+                            "max_epochs": caps[size], "patience": pat, "train": array_digest(seq[tr], mask[tr], y[tr])}
                 key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
                 run_dir = Path(out_dir) / f"n{size}_{strategy}_seed{seed}_{key}" if out_dir is not None else None
                 if run_dir is not None and (run_dir / "result.json").is_file():

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import lightning.pytorch as pl
 
 from .batching import PaddedDataset, make_loader
-from .fit import TrainConfig, epoch_lr_scheduler, first_epoch_factor, fit
+from .fit import TrainConfig, first_epoch_factor, fit, lr_scheduler
 
 __all__ = ["ClassifierModule", "train_classifier", "predict_proba", "split_indices"]
 
@@ -48,7 +48,7 @@ class ClassifierModule(pl.LightningModule):
     def configure_optimizers(self):
         params = self._params if self._params is not None else [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        return epoch_lr_scheduler(opt, first_epoch_factor(self.first_epoch_lr_factor))
+        return lr_scheduler(opt, first_epoch_factor(self.first_epoch_lr_factor))
 
 
 def split_indices(n: int, fractions=(0.6, 0.2, 0.2), seed: int = 0) -> list[np.ndarray]:

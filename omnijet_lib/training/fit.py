@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from ..io import OmnijetError, atomic_path, safe_torch_load
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "OFFICIAL_PROCEDURE", "fit", "epoch_lr_scheduler", "first_epoch_factor"]
+__all__ = ["TrainConfig", "OFFICIAL_PROCEDURE", "fit", "lr_scheduler", "first_epoch_factor",
+           "one_cycle"]
 
 
 @dataclass
@@ -43,8 +45,9 @@ class TrainConfig:
     limit_train_batches: int | float = 1.0  # optimiser steps per epoch (int) or fraction of the batches
     # --- the training procedure; OFFICIAL_PROCEDURE holds the official OmniJet-α choices
     gradient_clip_val: float | None = 5.0  # the official value; None: no clipping (README, differences)
-    schedule: str = "one_cycle"          # VQ-VAE lr: "one_cycle" per step, or "official" (OneCycleCooldown per epoch)
-    first_epoch_lr_factor: float = 1.0   # GPT and classifiers: lr × this in the first epoch
+    schedule: str = "one_cycle"          # VQ-VAE and GPT lr: "one_cycle" per step, or "official" (VQ-VAE:
+                                         # OneCycleCooldown per epoch; GPT: constant after the first epoch)
+    first_epoch_lr_factor: float = 1.0   # classifiers, and the GPT with schedule "official": lr × this in epoch 0
     loss_over_padding: bool = False      # losses averaged over every padded slot, not only real entries
     quantize_padding: bool = False       # VQ-VAE: padding latents in the quantizer's loss, k-means, replacement
     batching: str = "bucketed"           # "bucketed" (by length, trimmed) or "random" (padded to full length)
@@ -93,10 +96,33 @@ OFFICIAL_PROCEDURE = {
 }
 
 
-def epoch_lr_scheduler(optimizer, factor_of_epoch):
-    """A Lightning scheduler entry: lr × ``factor_of_epoch(epoch)``, stepped once per epoch."""
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor_of_epoch)
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+def lr_scheduler(optimizer, factor, interval: str = "epoch"):
+    """A Lightning scheduler entry: lr × ``factor(i)``, ``i`` counting epochs (``interval``
+    "epoch") or optimiser steps ("step")."""
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": interval}}
+
+
+def one_cycle(total_steps: int, pct_start: float = 0.3, div_factor: float = 25.0,
+              final_div_factor: float = 1e4):
+    """LR multiplier of the one-cycle policy (cosine warm-up from max/25 to max over 30% of the
+    steps, cosine decay to max/25/1e4), constant after ``total_steps``.
+
+    A plain function for ``LambdaLR`` rather than ``OneCycleLR``: its state holds no
+    ``total_steps``, so a resumed run with a different length continues instead of failing."""
+    total = max(int(total_steps), 1)
+    up = max(int(pct_start * total), 1)
+    lo, end = 1.0 / div_factor, 1.0 / (div_factor * final_div_factor)
+
+    def cos(a, b, frac):
+        return b + (a - b) * 0.5 * (1 + math.cos(math.pi * min(max(frac, 0.0), 1.0)))
+
+    def factor(step: int) -> float:
+        if step < up:
+            return cos(lo, 1.0, step / up)
+        return cos(1.0, end, (step - up) / max(total - 1 - up, 1))
+
+    return factor
 
 
 def first_epoch_factor(factor: float):

@@ -20,13 +20,19 @@ import torch
 from ..io import OmnijetError, load_model, save_model
 from ..models.gpt import GPT, GPTConfig
 from .batching import PaddedDataset, make_loader
-from .fit import TrainConfig, epoch_lr_scheduler, first_epoch_factor, fit
+from .fit import TrainConfig, first_epoch_factor, fit, lr_scheduler, one_cycle
 
 __all__ = ["GPTModule", "train_gpt", "load_gpt", "check_sequences"]
 
 class GPTModule(pl.LightningModule):
-    """Lightning wrapper: next-token cross-entropy, AdamW (lr × ``first_epoch_lr_factor`` in the
-    first epoch; ``loss_over_padding``: the official loss over every position).
+    """Lightning wrapper: next-token cross-entropy, AdamW; ``loss_over_padding``: the official
+    loss over every position.
+
+    ``schedule`` "one_cycle" (default): lr follows a one-cycle policy over the optimiser steps
+    (warm-up over 30%, cosine decay to ~0). "official": constant lr, × ``first_epoch_lr_factor``
+    in the first epoch. With a constant lr the end state depends on the last batches, which with
+    length-bucketed batches hold jets of one length: on the quick combined backbone (10k jets,
+    K 512, 8 epochs) one-cycle lowered the classifier-test AUC from 0.734 to 0.67-0.68.
 
     The training loss is the sum over a batch's targets divided by ``batch size ×
     targets_per_jet`` (the training set's mean), not by the batch's own target count: with
@@ -38,12 +44,12 @@ class GPTModule(pl.LightningModule):
 
     def __init__(self, config: GPTConfig, lr: float = 1e-3, weight_decay: float = 1e-2,
                  loss_over_padding: bool = False, first_epoch_lr_factor: float = 1.0,
-                 targets_per_jet: float | None = None):
+                 targets_per_jet: float | None = None, schedule: str = "one_cycle"):
         super().__init__()
         self.model = GPT(config)
         self.lr, self.weight_decay = lr, weight_decay
         self.loss_over_padding, self.first_epoch_lr_factor = loss_over_padding, first_epoch_lr_factor
-        self.targets_per_jet = targets_per_jet
+        self.targets_per_jet, self.schedule = targets_per_jet, schedule
 
     def training_step(self, batch, batch_idx):
         x, mask = batch["x"], batch["mask"]
@@ -59,7 +65,9 @@ class GPTModule(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        return epoch_lr_scheduler(opt, first_epoch_factor(self.first_epoch_lr_factor))
+        if self.schedule == "official":
+            return lr_scheduler(opt, first_epoch_factor(self.first_epoch_lr_factor))
+        return lr_scheduler(opt, one_cycle(self.trainer.estimated_stepping_batches), "step")
 
 
 def check_sequences(seq, mask, vocab_size: int, max_len: int, name: str = "seq"):
@@ -121,7 +129,7 @@ def train_gpt(seq, seq_mask, out_dir: str | os.PathLike, config: GPTConfig | Non
                   if n_val else None)
 
     module = GPTModule(config, lr=lr, loss_over_padding=cfg.loss_over_padding,
-                       first_epoch_lr_factor=cfg.first_epoch_lr_factor,
+                       first_epoch_lr_factor=cfg.first_epoch_lr_factor, schedule=cfg.schedule,
                        targets_per_jet=float(np.asarray(seq_mask[train])[:, 1:].sum(1).mean()) if len(train) else None)
     module = fit(module, train_loader, val_loader, out_dir=out_dir, config=cfg)
     model = module.model.cpu().eval()

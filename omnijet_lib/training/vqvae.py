@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -29,11 +28,11 @@ from ..tokenizers.base import TOKENIZER_KINDS, save_tokenizer
 from ..tokenizers.binned import BinnedConfig, BinnedTokenizer
 from ..tokenizers.vqvae import VQVAE, VQVAEConfig
 from .batching import PaddedDataset, make_loader
-from .fit import TrainConfig, epoch_lr_scheduler, fit
+from .fit import TrainConfig, fit, lr_scheduler, one_cycle
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VQVAEModule", "codebook_stats", "one_cycle", "one_cycle_cooldown", "train_tokenizer", "make_tokenizer"]
+__all__ = ["VQVAEModule", "codebook_stats", "one_cycle_cooldown", "train_tokenizer", "make_tokenizer"]
 
 
 def codebook_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,28 +41,6 @@ def codebook_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     p = counts / counts.sum().clamp_min(1)
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
     return (counts > 0).float().mean(), entropy.exp()
-
-
-def one_cycle(total_steps: int, pct_start: float = 0.3, div_factor: float = 25.0,
-              final_div_factor: float = 1e4):
-    """LR multiplier of the one-cycle policy (cosine warm-up from max/25 to max over 30% of the
-    steps, cosine decay to max/25/1e4), constant after ``total_steps``.
-
-    A plain function for ``LambdaLR`` rather than ``OneCycleLR``: its state holds no
-    ``total_steps``, so a resumed run with a different length continues instead of failing."""
-    total = max(int(total_steps), 1)
-    up = max(int(pct_start * total), 1)
-    lo, end = 1.0 / div_factor, 1.0 / (div_factor * final_div_factor)
-
-    def cos(a, b, frac):
-        return b + (a - b) * 0.5 * (1 + math.cos(math.pi * min(max(frac, 0.0), 1.0)))
-
-    def factor(step: int) -> float:
-        if step < up:
-            return cos(lo, 1.0, step / up)
-        return cos(1.0, end, (step - up) / max(total - 1 - up, 1))
-
-    return factor
 
 
 def one_cycle_cooldown(warmup: int = 4, cooldown: int = 20, cooldown_final: int = 50, initial_lr: float = 5e-4,
@@ -140,10 +117,9 @@ class VQVAEModule(pl.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         if self.schedule == "official":
-            return epoch_lr_scheduler(opt, one_cycle_cooldown(max_lr=self.lr, initial_lr=self.lr / 2,
+            return lr_scheduler(opt, one_cycle_cooldown(max_lr=self.lr, initial_lr=self.lr / 2,
                                                               final_lr=0.3 * self.lr))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(self.trainer.estimated_stepping_batches))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return lr_scheduler(opt, one_cycle(self.trainer.estimated_stepping_batches), "step")
 
 
 # --------------------------------------------------------------------------- entry point
