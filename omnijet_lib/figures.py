@@ -101,6 +101,7 @@ PARAMETER_TYPES = {
     "backbone_path": ("str",),
     "tokenizer_path": ("str",),
     "gpt_per_class": ("int",),
+    "pretrain_per_class": ("int",),
     "blob_tokens": ("int",),
     "patience": ("int",),
     "lr_scratch": ("float",),
@@ -109,9 +110,10 @@ PARAMETER_TYPES = {
 
 
 #: Sizes and counts that must be positive (each item, for lists): 0 would train or sample nothing.
-POSITIVE = {"per_class", "gpt_per_class", "train_per_class", "explore_per_class", "n_generate", "n_test", "n_val",
-            "n_seeds", "num_codes", "codebook_sizes", "binned_bins", "train_sizes", "batch_size",
-            "generate_batch_size", "classifier_batch_size", "tokenizer_batch_size", "ode_steps", "blob_samples"}
+POSITIVE = {"per_class", "gpt_per_class", "pretrain_per_class", "train_per_class", "explore_per_class", "n_generate",
+            "n_test", "n_val", "n_seeds", "num_codes", "codebook_sizes", "binned_bins", "train_sizes", "batch_size",
+            "generate_batch_size", "classifier_batch_size", "tokenizer_batch_size", "pretrain_batch_size", "ode_steps",
+            "blob_samples"}
 
 
 def _kind(value) -> str:
@@ -442,7 +444,6 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
             runs.append((f"{arch} classifier x{n_inputs} inputs", arch, n_inputs * train,
                          p.get("classifier_epochs", 1), p.get("classifier_batch_size", 256)))
     elif stem.startswith("02"):
-        # q/g + t->bqq' jets: 2 of the 10 classes, or gpt_per_class of each (simulation only)
         # q/g + t->bqq' jets: those of the data files, or gpt_per_class of each (simulation only)
         if p.get("data_files") is not None:
             pair = n
@@ -463,10 +464,12 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
                      p.get("classifier_epochs", 1), p.get("classifier_batch_size", 256)))
     elif stem.startswith("03"):
         pool = max(n - p.get("n_test", 0), 0)
-        if p.get("backbone_path") is None:
-            runs.append(("tokenizer (if not reused)", "vqvae", 0.9 * pool, p.get("tokenizer_epochs", 1),
+        if p.get("backbone_path") is None or p.get("pretrain_per_class"):
+            pre = 2 * p["pretrain_per_class"] if p.get("pretrain_per_class") else pool
+            runs.append(("tokenizer (if not reused)", "vqvae", 0.9 * pre, p.get("tokenizer_epochs", 1),
                          p.get("tokenizer_batch_size", 512)))
-            runs.append(("GPT pre-training (if not reused)", "gpt", 0.9 * pool, p.get("pretrain_epochs", 1), 256))
+            runs.append(("GPT pre-training (if not reused)", "gpt", 0.9 * pre, p.get("pretrain_epochs", 1),
+                         p.get("pretrain_batch_size", 256)))
         cap = p.get("max_epochs", 1)  # one cap, or {size: cap}
         passes = sum(s * (cap.get(s, 1) if isinstance(cap, dict) else cap) for s in p.get("train_sizes", []))
         runs.append(("fine-tuning, 3 strategies x seeds (jet passes up to max_epochs, before early stopping)",
