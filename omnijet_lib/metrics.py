@@ -39,7 +39,7 @@ from .io import OmnijetError
 
 __all__ = [
     "w1", "w1m", "w1p", "efps", "w1efp", "frechet_distance", "fpd", "mmd_poly_unbiased", "kpd",
-    "W1EFP_SET", "FPD_EFP_SET", "jet_mass", "roc_auc", "summary_metrics",
+    "W1EFP_SET", "FPD_EFP_SET", "jet_mass", "roc_auc", "summary_metrics", "mass_peaks", "jet_shape_summary",
 ]
 
 #: EFPs for W1EFP (JetNet default): prime EFPs with 4 vertices and 4 edges (5 polynomials).
@@ -308,6 +308,13 @@ def mass_peaks(mass, windows=((0.0, 120.0), (130.0, 230.0)), bin_width: float = 
     return {"qg_peak_gev": float(centres[i]), "top_peak_gev": float(centres[j]), "dip_gev": float(centres[k]),
             "counts": [int(counts[i]), dip, int(counts[j])], "significance": sig,
             "both_peaks": bool(len(between) > 0 and min(sig) >= 3)}
+
+
+def jet_shape_summary(mass, tau32) -> dict:
+    """Median jet mass [GeV] and τ32 of a sample (jets without τ32, e.g. < 3 constituents, are
+    skipped) and its :func:`mass_peaks`: the numbers the quick profile's targets are stated in."""
+    return {"median_mass": float(np.median(np.asarray(mass, float))),
+            "median_tau32": float(np.nanmedian(np.asarray(tau32, float))), "mass_peaks": mass_peaks(mass)}
 
 
 # --------------------------------------------------------------------------- classifiers

@@ -11,7 +11,7 @@ import pytest
 
 from omnijet_lib.io import OmnijetError
 from omnijet_lib.metrics import (
-    FPD_EFP_SET, W1EFP_SET, efps, fpd, frechet_distance, kpd, mass_peaks, w1, w1efp, w1m, w1p,
+    FPD_EFP_SET, W1EFP_SET, efps, fpd, frechet_distance, jet_shape_summary, kpd, mass_peaks, w1, w1efp, w1m, w1p,
 )
 
 
@@ -200,3 +200,9 @@ def test_mass_peaks_tells_one_peak_from_two():
     assert not smear["both_peaks"]
     with pytest.raises(OmnijetError, match="windows"):
         mass_peaks(qg, windows=((100, 200), (50, 60)))
+
+
+def test_jet_shape_summary_skips_missing_tau32():
+    s = jet_shape_summary([10.0, 170.0, 180.0], [0.2, np.nan, 0.6])
+    assert s["median_mass"] == 170.0 and s["median_tau32"] == pytest.approx(0.4)
+    assert not s["mass_peaks"]["both_peaks"]
