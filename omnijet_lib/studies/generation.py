@@ -73,8 +73,8 @@ def ensure_gpt(path, seq, seq_mask, config, epochs: int, batch_size: int = 256, 
             progress(f"loaded {path}")
             return load_gpt(path), 0.0
         progress(f"{path}: trained with other settings ({', '.join(diff)}); retraining")
-        for old in [path, record, *path.parent.glob("*.ckpt")]:
-            old.unlink(missing_ok=True)
+        for stale in [path, record, *path.parent.glob("*.ckpt")]:
+            stale.unlink(missing_ok=True)
     t0 = time.perf_counter()
     model = train_gpt(seq, seq_mask, out_dir=path.parent, config=config, epochs=epochs, batch_size=batch_size,
                       train_config=train_config, seed=seed)

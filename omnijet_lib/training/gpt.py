@@ -32,7 +32,7 @@ class GPTModule(pl.LightningModule):
     (warm-up over 30%, cosine decay to ~0). "official": constant lr, × ``first_epoch_lr_factor``
     in the first epoch. With a constant lr the end state depends on the last batches, which with
     length-bucketed batches hold jets of one length: on the quick combined backbone (10k jets,
-    K 512, 8 epochs) one-cycle lowered the classifier-test AUC from 0.734 to 0.67-0.68.
+    K 512, 8 epochs) one-cycle lowered the classifier-test AUC from 0.734 to 0.678.
 
     The training loss is the sum over a batch's targets divided by ``batch size ×
     targets_per_jet`` (the training set's mean), not by the batch's own target count: with
