@@ -28,6 +28,7 @@ __all__ = [
     "write_json",
     "file_sha256",
     "array_digest",
+    "changed_settings",
     "save_checkpoint",
     "load_checkpoint",
     "check_finite_weights",
@@ -109,6 +110,14 @@ def array_digest(*arrays) -> str:
         h.update(str((a.dtype, a.shape)).encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def changed_settings(record: str | os.PathLike, settings: dict) -> list[str]:
+    """Keys whose values differ between ``settings`` and the JSON ``record`` a run wrote (every
+    key when there is no record): how a rerun tells whether it may reuse or resume that run."""
+    record = Path(record)
+    old = json.loads(record.read_text()) if record.is_file() else {}
+    return sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -12,7 +12,6 @@ reconstructed real jets on a 60/20/20 split; the test AUC is 0.5 for a perfect g
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import OmnijetError, array_digest, write_json
+from ..io import OmnijetError, array_digest, changed_settings, write_json
 
 __all__ = ["decode_generated", "ensure_gpt", "classifier_test", "w1_scores", "time_generation", "data_scaling"]
 
@@ -67,8 +66,7 @@ def ensure_gpt(path, seq, seq_mask, config, epochs: int, batch_size: int = 256, 
                 "sequences": array_digest(np.asarray(seq, np.int64), np.asarray(seq_mask, bool))[:16],
                 **(train_config or TrainConfig()).procedure}
     if path.is_file():
-        old = json.loads(record.read_text()) if record.is_file() else {}
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        diff = changed_settings(record, settings)
         if not diff:
             progress(f"loaded {path}")
             return load_gpt(path), 0.0

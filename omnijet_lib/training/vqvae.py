@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from ..io import OmnijetError, default_device, write_json
+from ..io import OmnijetError, changed_settings, default_device, write_json
 from ..tokenizers.base import TOKENIZER_KINDS, save_tokenizer
 from ..tokenizers.binned import BinnedConfig, BinnedTokenizer
 from ..tokenizers.vqvae import VQVAE, VQVAEConfig
@@ -214,8 +214,7 @@ def _check_same_run(out_dir: Path, settings: dict) -> None:
     """Record the run's settings in ``out_dir/run.json``; refuse to resume a different run."""
     path = out_dir / "run.json"
     if path.is_file() and (out_dir / "last.ckpt").is_file():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        diff = changed_settings(path, settings)
         if diff:
             raise OmnijetError(f"{out_dir}: holds a tokenizer run with other settings ({', '.join(diff)} differ); "
                                f"use another out_dir or delete it")
