@@ -114,9 +114,12 @@ def array_digest(*arrays) -> str:
 
 def changed_settings(record: str | os.PathLike, settings: dict) -> list[str]:
     """Keys whose values differ between ``settings`` and the JSON ``record`` a run wrote (every
-    key when there is no record): how a rerun tells whether it may reuse or resume that run."""
-    record = Path(record)
-    old = json.loads(record.read_text()) if record.is_file() else {}
+    key when there is no readable record): how a rerun tells whether it may reuse or resume that run."""
+    try:
+        old = json.loads(Path(record).read_text())
+    except (OSError, ValueError):  # missing, unreadable or half-written: nothing is known to match
+        old = {}
+    old = old if isinstance(old, dict) else {}
     return sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
 
 

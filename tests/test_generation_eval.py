@@ -123,3 +123,14 @@ def test_data_scaling_trains_each_fraction_with_the_same_steps(tmp_path):
     assert again[0]["train_seconds"] == 0.0  # reused, not retrained
     with pytest.raises(OmnijetError, match="fraction 1.5 is not in"):
         data_scaling(tok, seq, seq_mask, x, mask, [1.5], config, tmp_path, **kw)
+
+
+def test_changed_settings_reads_missing_or_broken_records_as_empty(tmp_path):
+    from omnijet_lib.io import changed_settings, write_json
+
+    rec = tmp_path / "run.json"
+    assert changed_settings(rec, {"a": 1, "b": 2}) == ["a", "b"]
+    write_json(rec, {"a": 1, "b": 3})
+    assert changed_settings(rec, {"a": 1, "b": 2}) == ["b"]
+    rec.write_text("{not json")
+    assert changed_settings(rec, {"a": 1}) == ["a"]
