@@ -210,3 +210,21 @@ def test_ensure_backbone_trains_once_then_reuses(tmp_path):
     (tmp_path / "tokenizer_binned_27" / "tokenizer.safetensors").unlink()
     with pytest.raises(OmnijetError, match=r"needs the tokenizer it was trained with; not found at .*tokenizer_binned_27"):
         ensure_backbone(path, tmp_path, (x, mask), **kw)
+
+
+def test_ensure_backbone_own_is_retrained_when_settings_change(tmp_path):
+    from omnijet_lib.studies.transfer import ensure_backbone
+
+    rng = np.random.default_rng(1)
+    mask = np.arange(16)[None, :] < rng.integers(4, 16, 48)[:, None]
+    x = (rng.normal(0, 1, (48, 16, 3)) * mask[..., None]).astype(np.float32)
+    path = tmp_path / "gpt_own" / "gpt.safetensors"
+    kw = dict(kind="binned", num_codes=27, gpt_config=dict(n_embd=16, n_head=2, n_layer=1, ffn=32),
+              own=True, progress=lambda m: None)
+    ensure_backbone(path, tmp_path, (x, mask), gpt_epochs=1, **kw)
+    stamp = path.stat().st_mtime_ns
+    ensure_backbone(path, tmp_path, (x, mask), gpt_epochs=1, **kw)
+    assert path.stat().st_mtime_ns == stamp                       # same settings: reused
+    ensure_backbone(path, tmp_path, (x, mask), gpt_epochs=2, **kw)
+    assert path.stat().st_mtime_ns != stamp                       # other epochs: pre-trained again
+    assert '"epochs": 2' in path.with_name("gpt.run.json").read_text()

@@ -217,7 +217,8 @@ def summarize(results: list[dict], metrics=("accuracy", "auc")) -> dict:
 def ensure_backbone(backbone_path, models_dir, pretrain_data, kind: str = "conditional", num_codes: int = 256,
                     tokenizer_path=None, tokenizer_epochs: int = 10, tokenizer_batch_size: int = 512,
                     tokenizer_kw: dict | None = None, gpt_config: dict | None = None, gpt_epochs: int = 10,
-                    gpt_batch_size: int = 256, trainer: dict | None = None, seed: int = 1, progress=print):
+                    gpt_batch_size: int = 256, trainer: dict | None = None, seed: int = 1, own: bool = False,
+                    progress=print):
     """The tokenizer and the pre-trained backbone for transfer learning: ``(tokenizer, path)``.
 
     An existing ``backbone_path`` (e.g. notebook 02's ``gpt_combined``) is used as it is, with
@@ -228,7 +229,9 @@ def ensure_backbone(backbone_path, models_dir, pretrain_data, kind: str = "condi
     features, or a callable returning them), tokenized with ``tokenizer_path`` or the shared
     ``tokenizer_{kind}_{num_codes}`` (trained too if missing, with ``tokenizer_kw`` for its
     config; :func:`~omnijet_lib.studies.tokens.load_or_train_tokenizer`). Trainings resume
-    when interrupted.
+    when interrupted. With ``own`` the backbone belongs to this study: an existing one is kept
+    only if it was pre-trained with these settings and data (:func:`ensure_gpt`'s record), and
+    is pre-trained again otherwise — never set it for another notebook's model.
     """
     from .generation import ensure_gpt
     from ..tokenizers import load_tokenizer, tokenize
@@ -236,7 +239,7 @@ def ensure_backbone(backbone_path, models_dir, pretrain_data, kind: str = "condi
 
     backbone_path, models_dir = Path(backbone_path), Path(models_dir)
     cfg = TrainConfig.from_params({"progress_bar": False, **(trainer or {})})
-    if backbone_path.is_file():
+    if backbone_path.is_file() and not own:
         vocab = backbone_config_of(backbone_path).vocab_size
         tok_path = Path(tokenizer_path) if tokenizer_path else \
             models_dir / f"tokenizer_{kind}_{vocab - 2}" / "tokenizer.safetensors"
@@ -258,7 +261,8 @@ def ensure_backbone(backbone_path, models_dir, pretrain_data, kind: str = "condi
                                       batch_size=tokenizer_batch_size, train_config=cfg, seed=seed,
                                       model_kw=tokenizer_kw, progress=progress)
     seq, seq_mask = tok.to_sequence(tokenize(tok, x, mask), mask)
-    progress(f"no backbone at {backbone_path}: pre-training a GPT (vocabulary {tok.vocab_size}) on {len(x)} jets")
+    if not backbone_path.is_file():
+        progress(f"no backbone at {backbone_path}: pre-training a GPT (vocabulary {tok.vocab_size}) on {len(x)} jets")
     ensure_gpt(backbone_path, seq, seq_mask, GPTConfig(vocab_size=tok.vocab_size, **(gpt_config or {})),
                epochs=gpt_epochs, batch_size=gpt_batch_size, train_config=cfg, seed=seed, progress=progress)
     return tok, backbone_path
