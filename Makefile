@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make figures   regenerate figures/ on the embedded simulated data (PROFILE=ci|quick|paper)
+#   make figures   regenerate figures/ on the embedded simulated data (PROFILE=ci|quick|paper, JOBS=2)
 #   make test      run the test suite (pytest + nbval over the notebooks at their ci-sized defaults);
 #                  it fails if the run changed a tracked file
 # Both create/update the local virtualenv .venv first, so nothing else is needed.
@@ -8,6 +8,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PROFILE ?= ci
+# notebooks run side by side where their inputs allow (omnijet figures --jobs)
+JOBS    ?= 2
 STAMP   = $(VENV)/.installed
 
 .PHONY: figures test bench browser venv clean
@@ -21,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 figures: $(STAMP)
-	$(VENV)/bin/omnijet figures --profile $(PROFILE)
+	$(VENV)/bin/omnijet figures --profile $(PROFILE) --jobs $(JOBS)
 
 # Debian's chromium for the real-browser test (the test skips, saying why, if it is missing).
 browser:

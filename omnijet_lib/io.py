@@ -81,6 +81,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, waiting: str = "") -> Iterator[None]:
+    """Hold an advisory lock on ``path`` (created if missing) for the block, so that two processes
+    filling the same cache (e.g. two notebooks run side by side) take turns instead of doing the
+    work twice. ``waiting`` is printed once if another process holds it. POSIX only; elsewhere
+    the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks, same behaviour as before
+        yield
+        return
+    path = Path(path)
+    _check_parent(path)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

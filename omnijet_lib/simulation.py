@@ -53,7 +53,7 @@ import awkward as ak
 import numpy as np
 
 from .observables import quiet_fastjet
-from .io import OmnijetError, file_sha256, write_json
+from .io import OmnijetError, exclusive_lock, file_sha256, write_json
 from .data.jetclass import CLASS_FILE_PREFIXES, CLASS_LABELS, class_index, make_jets, read_jetclass, write_jetclass
 from .data.schema import class_selection
 
@@ -601,6 +601,12 @@ def simulate_dataset(out_dir, per_class: int, seed: int = 1, workers: int = 2,
         raise OmnijetError(f"{out_dir}: output path exists and is not a directory")
     labels = class_selection(classes) or list(range(len(CLASS_LABELS)))  # sorted, unique
     out_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(out_dir / ".lock", f"{out_dir}: another process is simulating into it; waiting"):
+        return _simulate_into(out_dir, cfg, labels, progress)
+
+
+def _simulate_into(out_dir: Path, cfg: SimulationConfig, labels: list[int], progress: bool) -> list[Path]:
+    """:func:`simulate_dataset`'s work, under the directory's lock."""
     _check_manifest(out_dir, cfg)
 
     paths, todo = [], {}

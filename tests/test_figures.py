@@ -88,3 +88,44 @@ def test_cost_counts_epochs_per_codebook_size():
     p = {"kinds": ["conditional"], "codebook_sizes": [512, 8192], "epochs": 8, "epochs_per_size": {8192: 16}}
     epochs = {label: e for label, _, _, e, _ in _cost_runs("01_token_quality", p, 1000)}
     assert epochs == {"VQ-VAE conditional K=512": 8, "VQ-VAE conditional K=8192": 16}
+
+
+def test_parallel_run_keeps_the_notebook_order_and_stops_after_a_failure(tmp_path, capsys, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    from omnijet_lib import figures
+
+    monkeypatch.setattr(figures.os, "cpu_count", lambda: 2)
+    log = tmp_path / "log"
+    nbs = {tmp_path / f"{n}_x.ipynb": {"pretrain_per_class": 10} if n == "03" else {}
+           for n in ("00", "01", "02", "03", "04", "05")}
+    fail = {"05"}
+
+    def command(nb):  # a stand-in notebook: logs start/end and its thread count; 02 is slow, 05 fails
+        stem = nb.stem[:2]
+        return [sys.executable, "-c", (
+            "import os, time\n"
+            f"open({str(log)!r}, 'a').write('start {stem} ' + os.environ['OMP_NUM_THREADS'] + '\\n')\n"
+            f"print('[{stem}] working', flush=True); time.sleep(0.3 if '{stem}' != '02' else 1.5)\n"
+            f"open({str(log)!r}, 'a').write('end {stem}\\n')\n"
+            + (f"print('error: {stem}_x.ipynb: cell 2 failed (ValueError: bad)'); raise SystemExit(1)\n"
+               if stem in fail else ""))]
+
+    with pytest.raises(OmnijetError, match=r"^05_x.ipynb: cell 2 failed \(ValueError: bad\) \(not started: 04_x\)$"):
+        figures.run_parallel(Path("p.yaml"), nbs, tmp_path, jobs=2, command=command)
+    events = log.read_text().split("\n")[:-1]
+    order = [e.split()[:2] for e in events]
+    pos = {tuple(e): i for i, e in enumerate(order)}
+    assert pos["start", "01"] > pos["end", "00"] and pos["start", "02"] > pos["end", "01"]  # NEEDS kept
+    assert pos["start", "05"] < pos["end", "02"]  # 05 does not wait for 02 (nor for 04, listed first)
+    assert ("start", "04") not in pos           # needs 02, which was still running when 05 failed
+    threads = {e.split()[1]: e.split()[2] for e in events if e.startswith("start")}
+    assert threads["00"] == threads["01"] == "2" and threads["02"] == threads["03"] == "1"
+    running = 0
+    for kind, _ in order:                       # never more than two at once
+        running += 1 if kind == "start" else -1
+        assert running <= 2
+    out = capsys.readouterr().out
+    assert "[02] working" in out and "error:" not in out
+    assert figures.needs(Path("03_x.ipynb"), {}) == {"01", "02"}  # fine-tunes 02's backbone: waits for it
