@@ -47,7 +47,9 @@ def test_kill_9_simulation_then_rerun(tmp_path):
     done = [n for n in at_kill if n.endswith(".root")]
     assert len(done) == 1, f"killed too late to test a resume: {sorted(at_kill)}"
     # its record (size, sha256) may or may not have been written before the kill: a rerun checks either way
-    assert all(n in ("simulation.json", done[0], f".finished/{done[0]}.json") or n.endswith(".part") for n in at_kill)
+    # (.lock: the advisory lock that makes two simulations into one folder take turns)
+    assert all(n in ("simulation.json", ".lock", done[0], f".finished/{done[0]}.json") or n.endswith(".part")
+               for n in at_kill)
     missing = ({"ZJetsToNuNu_000.root", "WToQQ_000.root"} - set(done)).pop()
 
     rerun = subprocess.run([PYTHON, "-m", "omnijet_lib.cli", "simulate", *ARGS, "--out", str(killed)],
