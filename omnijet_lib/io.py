@@ -25,6 +25,7 @@ __all__ = [
     "load_model",
     "OmnijetError",
     "atomic_path",
+    "exclusive_lock",
     "write_json",
     "file_sha256",
     "array_digest",
