@@ -106,6 +106,8 @@ PARAMETER_TYPES = {
     "patience": ("int",),
     "lr_scratch": ("float",),
     "max_epochs": ("int", "dict[int, int]"),
+    "epochs_per_size": ("dict[int, int]",),
+    "epochs_per_model": ("dict[str, int]",),
 }
 
 
@@ -531,12 +533,15 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
         else:
             pair = 2 * p["gpt_per_class"] if p.get("gpt_per_class") else 0.2 * n
         runs.append(("tokenizer (if not reused)", "vqvae", n, p.get("tokenizer_epochs", 1), 512))
-        for label, share in (("GPT q/g + t->bqq'", 1.0), ("GPT q/g", 0.5), ("GPT t->bqq'", 0.5)):
-            runs.append((label, "gpt", 0.9 * share * pair, p.get("epochs", 1), p.get("batch_size", 256)))
+        model_epochs = {name: (p.get("epochs_per_model") or {}).get(name, p.get("epochs", 1))
+                        for name in ("combined", "qcd", "top")}
+        for label, name, share in (("GPT q/g + t->bqq'", "combined", 1.0), ("GPT q/g", "qcd", 0.5),
+                                   ("GPT t->bqq'", "top", 0.5)):
+            runs.append((label, "gpt", 0.9 * share * pair, model_epochs[name], p.get("batch_size", 256)))
         fractions = [f for f in p.get("scaling_fractions", []) if f < 1]
         for f in fractions:  # the same optimizer steps as the full combined backbone
             runs.append((f"GPT data scaling, {f:g} of the jets", "gpt", 0.9 * f * pair,
-                         max(1, round(p.get("epochs", 1) / f)), p.get("batch_size", 256)))
+                         max(1, round(model_epochs["combined"] / f)), p.get("batch_size", 256)))
         models = 3 + len(fractions)
         gen = models * p.get("n_generate", 0)
         runs.append((f"generation of {gen} jets", "gpt_generate", gen, 1, None))

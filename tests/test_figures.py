@@ -90,6 +90,23 @@ def test_cost_counts_epochs_per_codebook_size():
     assert epochs == {"VQ-VAE conditional K=512": 8, "VQ-VAE conditional K=8192": 16}
 
 
+def test_cost_counts_epochs_per_backbone():
+    from omnijet_lib.figures import _cost_runs
+
+    p = {"gpt_per_class": 100, "epochs": 8, "epochs_per_model": {"top": 16}, "scaling_fractions": [0.5]}
+    epochs = {label: e for label, _, _, e, _ in _cost_runs("02_generation", p, 1000) if "GPT" in label}
+    assert epochs == {"GPT q/g + t->bqq'": 8, "GPT q/g": 8, "GPT t->bqq'": 16, "GPT data scaling, 0.5 of the jets": 16}
+
+
+def test_epochs_per_model_must_map_names_to_integers():
+    from omnijet_lib.figures import check_parameter
+    from omnijet_lib.io import OmnijetError
+
+    check_parameter("quick.yaml 02_generation", "epochs_per_model", {"top": 16}, {})
+    with pytest.raises(OmnijetError, match=r"quick.yaml 02_generation: epochs_per_model must be dict\[str, int\]"):
+        check_parameter("quick.yaml 02_generation", "epochs_per_model", {"top": "16"}, {})
+
+
 def test_parallel_run_keeps_the_notebook_order_and_stops_after_a_failure(tmp_path, capsys, monkeypatch):
     import sys
     from pathlib import Path
