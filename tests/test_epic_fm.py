@@ -134,6 +134,26 @@ def test_standardisation_ignores_padding():
     z = module.standardise(torch.from_numpy(x), torch.from_numpy(mask))
     assert torch.all(z[~torch.from_numpy(mask)] == 0)
     assert torch.allclose(z[torch.from_numpy(mask)].mean(0), torch.zeros(3), atol=1e-4)
+    # the official EPiC-FM's width: data std 5 against unit noise
+    assert module.data_std == 5.0
+    assert torch.allclose(z[torch.from_numpy(mask)].std(0, unbiased=False), torch.full((3,), 5.0), atol=1e-3)
+    back = module.unstandardise(z, torch.from_numpy(mask))
+    assert torch.allclose(back[torch.from_numpy(mask)], torch.from_numpy(x)[torch.from_numpy(mask)], atol=1e-5)
+    with pytest.raises(OmnijetError, match="data_std must be positive"):
+        EPiCFlowMatching(TINY, data_std=0.0)
+
+
+def test_checkpoint_keeps_data_std_and_older_ones_load_at_unit_width(tmp_path):
+    from omnijet_lib.io import load_checkpoint, save_checkpoint
+    from omnijet_lib.training.epic_fm import save_epic_fm
+
+    module = EPiCFlowMatching(TINY, data_std=3.0)
+    save_epic_fm(tmp_path / "new.safetensors", module)
+    assert load_epic_fm(tmp_path / "new.safetensors").data_std == 3.0
+    tensors, meta = load_checkpoint(tmp_path / "new.safetensors")
+    meta.pop("data_std")  # written before data_std existed: trained on unit-width features
+    save_checkpoint(tmp_path / "old.safetensors", tensors, meta)
+    assert load_epic_fm(tmp_path / "old.safetensors").data_std == 1.0
 
 
 def test_ema_update():
