@@ -10,8 +10,8 @@ Data: the project's scaled features (``omnijet_lib.data.features``: log pT − 1
 constituents and then multiplied by ``data_std`` = 5, as the EPiC-FM of Birk et al. does
 (``normalize_sigma: 5``): the jets have width 5 against unit Gaussian noise. (In the quick
 profile's light training, 1600 steps on 5000 t→bqq' jets, it changed nothing: median τ32 0.808
-against 0.805 at width 1.) Jet pT and η conditions are standardised to unit width. Padding never enters a
-loss, a pooled quantity or a statistic. The weights' EMA (decay 0.999, with the usual
+against 0.805 at width 1.) Jet pT and η conditions are standardised to unit width. Padding never
+enters a loss, a pooled quantity or a statistic. The weights' EMA (decay 0.999, with the usual
 (1 + n)/(10 + n) warm-up so short runs are not stuck at the initial weights) is what samples.
 
 The checkpoint ``epic_fm.safetensors`` holds the EMA weights, the standardisation, the
