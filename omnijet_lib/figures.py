@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from .io import OmnijetError, atomic_path
+from .io import OmnijetError, atomic_path, value_per_key
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ PARAMETER_TYPES = {
     "max_epochs": ("int", "dict[int, int]"),
     "epochs_per_size": ("dict[int, int]",),
     "epochs_per_model": ("dict[str, int]",),
+    "dropout_per_model": ("dict[str, float]",),
 }
 
 
@@ -517,9 +518,10 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
     vq_kinds = [k for k in p.get("kinds", []) if k != "binned"]
     if stem.startswith("01"):
         train = 0.6 * n  # 60/20/20 split; the tokenizer keeps 10% of its share for validation
+        size_epochs = value_per_key("epochs_per_size", p.get("epochs_per_size"), p.get("codebook_sizes", []),
+                                    p.get("epochs", 1))
         for kind in vq_kinds:
-            for K in p.get("codebook_sizes", []):
-                epochs = (p.get("epochs_per_size") or {}).get(K, p.get("epochs", 1))
+            for K, epochs in size_epochs.items():
                 runs.append((f"VQ-VAE {kind} K={K}", "vqvae", 0.9 * train, epochs, p.get("batch_size", 512)))
         n_inputs = 1 + len(vq_kinds) * len(p.get("codebook_sizes", [])) + \
             (len(p.get("binned_bins", [])) if "binned" in p.get("kinds", []) else 0)
@@ -533,8 +535,8 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
         else:
             pair = 2 * p["gpt_per_class"] if p.get("gpt_per_class") else 0.2 * n
         runs.append(("tokenizer (if not reused)", "vqvae", n, p.get("tokenizer_epochs", 1), 512))
-        model_epochs = {name: (p.get("epochs_per_model") or {}).get(name, p.get("epochs", 1))
-                        for name in ("combined", "qcd", "top")}
+        model_epochs = value_per_key("epochs_per_model", p.get("epochs_per_model"), ("combined", "qcd", "top"),
+                                     p.get("epochs", 1))
         for label, name, share in (("GPT q/g + t->bqq'", "combined", 1.0), ("GPT q/g", "qcd", 0.5),
                                    ("GPT t->bqq'", "top", 0.5)):
             runs.append((label, "gpt", 0.9 * share * pair, model_epochs[name], p.get("batch_size", 256)))

@@ -150,6 +150,18 @@ def changed_settings(record: str | os.PathLike, settings: dict) -> list[str]:
     return sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
 
 
+def value_per_key(name: str, overrides: dict | None, keys, default) -> dict:
+    """``{key: overrides.get(key, default)}`` for each of ``keys``: a parameter such as
+    ``epochs_per_model`` that changes a default for some of them. Keys are matched as text
+    (papermill passes ``{8192: 16}`` as ``{"8192": 16}``); one that is not among ``keys`` is an
+    error naming ``name``."""
+    given = {str(k): v for k, v in (overrides or {}).items()}
+    unknown = sorted(set(given) - {str(k) for k in keys})
+    if unknown:
+        raise OmnijetError(f"{name}: {', '.join(unknown)} not among {', '.join(map(str, keys))}")
+    return {k: given.get(str(k), default) for k in keys}
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:

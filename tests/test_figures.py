@@ -103,8 +103,25 @@ def test_epochs_per_model_must_map_names_to_integers():
     from omnijet_lib.io import OmnijetError
 
     check_parameter("quick.yaml 02_generation", "epochs_per_model", {"top": 16}, {})
+    check_parameter("quick.yaml 02_generation", "dropout_per_model", {"top": 0.1}, {})
+    with pytest.raises(OmnijetError, match=r"dropout_per_model must be dict\[str, float\]"):
+        check_parameter("quick.yaml 02_generation", "dropout_per_model", {"top": "0.1"}, {})
     with pytest.raises(OmnijetError, match=r"quick.yaml 02_generation: epochs_per_model must be dict\[str, int\]"):
         check_parameter("quick.yaml 02_generation", "epochs_per_model", {"top": "16"}, {})
+
+
+def test_per_key_overrides_match_keys_as_text_and_reject_unknown_ones():
+    from omnijet_lib.figures import _cost_runs
+    from omnijet_lib.io import value_per_key
+
+    # papermill hands {8192: 16} to the notebook as {"8192": 16}
+    assert value_per_key("epochs_per_size", {"8192": 16}, [512, 8192], 8) == {512: 8, 8192: 16}
+    assert value_per_key("epochs_per_model", None, ["qcd", "top"], 8) == {"qcd": 8, "top": 8}
+    with pytest.raises(OmnijetError, match=r"^epochs_per_model: tops not among qcd, top, combined$"):
+        value_per_key("epochs_per_model", {"tops": 16}, ["qcd", "top", "combined"], 8)
+    with pytest.raises(OmnijetError, match=r"^epochs_per_size: 4096 not among 512, 8192$"):
+        _cost_runs("01_token_quality", {"kinds": ["conditional"], "codebook_sizes": [512, 8192],
+                                        "epochs_per_size": {4096: 16}}, 1000)
 
 
 def test_parallel_run_keeps_the_notebook_order_and_stops_after_a_failure(tmp_path, capsys, monkeypatch):

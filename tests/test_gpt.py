@@ -175,6 +175,17 @@ def test_paper_size():
     assert 6.0e6 < n < 7.5e6  # ~6.7M in the paper
 
 
+def test_dropout_is_active_in_training_only_and_must_be_a_probability():
+    with pytest.raises(OmnijetError, match=r"GPT dropout must be in \[0, 1\), got 1.0"):
+        GPTConfig(dropout=1.0)
+    model = GPT(GPTConfig(vocab_size=10, n_embd=16, n_head=2, n_layer=1, ffn=32, dropout=0.5))
+    seq = torch.randint(0, 9, (4, 12))
+    model.train()
+    assert not torch.equal(model(seq), model(seq))
+    model.eval()
+    assert torch.equal(model(seq), model(seq))
+
+
 def test_causal_and_padding_invariant():
     model = small_gpt()
     seq, mask = random_sequences(6, SMALL.vocab_size, 30, np.random.default_rng(0), min_codes=5)

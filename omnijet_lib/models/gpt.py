@@ -44,6 +44,10 @@ class GPTConfig:
     dropout: float = 0.0
     max_len: int = 130       # start + 128 constituents + stop
 
+    def __post_init__(self):
+        if not 0.0 <= self.dropout < 1.0:
+            raise OmnijetError(f"GPT dropout must be in [0, 1), got {self.dropout}")
+
     @property
     def stop_token(self) -> int:
         return self.vocab_size - 1
