@@ -107,8 +107,10 @@ PARAMETER_TYPES = {
     "lr_scratch": ("float",),
     "max_epochs": ("int", "dict[int, int]"),
     "epochs_per_size": ("dict[int, int]",),
+    "tokenizer_extra_per_class": ("dict[int, int]",),
     "epochs_per_model": ("dict[str, int]",),
     "dropout_per_model": ("dict[str, float]",),
+    "n_generate_per_model": ("dict[str, int]",),
 }
 
 
@@ -520,9 +522,12 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
         train = 0.6 * n  # 60/20/20 split; the tokenizer keeps 10% of its share for validation
         size_epochs = value_per_key("epochs_per_size", p.get("epochs_per_size"), p.get("codebook_sizes", []),
                                     p.get("epochs", 1))
+        extra = value_per_key("tokenizer_extra_per_class", p.get("tokenizer_extra_per_class"),
+                              p.get("codebook_sizes", []), 0)
         for kind in vq_kinds:
             for K, epochs in size_epochs.items():
-                runs.append((f"VQ-VAE {kind} K={K}", "vqvae", 0.9 * train, epochs, p.get("batch_size", 512)))
+                runs.append((f"VQ-VAE {kind} K={K}", "vqvae", 0.9 * (train + 10 * extra[K]), epochs,
+                             p.get("batch_size", 512)))
         n_inputs = 1 + len(vq_kinds) * len(p.get("codebook_sizes", [])) + \
             (len(p.get("binned_bins", [])) if "binned" in p.get("kinds", []) else 0)
         for arch in p.get("classifier_kw", {}) or {}:
@@ -544,11 +549,12 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
         for f in fractions:  # the same optimizer steps as the full combined backbone
             runs.append((f"GPT data scaling, {f:g} of the jets", "gpt", 0.9 * f * pair,
                          max(1, round(model_epochs["combined"] / f)), p.get("batch_size", 256)))
-        models = 3 + len(fractions)
-        gen = models * p.get("n_generate", 0)
+        model_generate = value_per_key("n_generate_per_model", p.get("n_generate_per_model"),
+                                       ("combined", "qcd", "top"), p.get("n_generate", 0))
+        gen = sum(model_generate.values()) + len(fractions) * model_generate["combined"]
         runs.append((f"generation of {gen} jets", "gpt_generate", gen, 1, None))
         runs.append((f"classifier test x{len(p.get('classifier_seeds', []))} seeds", "deepsets",
-                     models * 0.6 * 2 * p.get("n_generate", 0) * len(p.get("classifier_seeds", [])),
+                     0.6 * 2 * gen * len(p.get("classifier_seeds", [])),
                      p.get("classifier_epochs", 1), p.get("classifier_batch_size", 256)))
     elif stem.startswith("03"):
         pool = max(n - p.get("n_test", 0), 0)

@@ -90,6 +90,18 @@ def test_cost_counts_epochs_per_codebook_size():
     assert epochs == {"VQ-VAE conditional K=512": 8, "VQ-VAE conditional K=8192": 16}
 
 
+def test_cost_counts_the_extra_tokenizer_jets_of_a_codebook_size():
+    from omnijet_lib.figures import _cost_runs
+    from omnijet_lib.io import OmnijetError
+
+    p = {"kinds": ["conditional", "unconditional"], "codebook_sizes": [512, 8192], "tokenizer_extra_per_class": {8192: 200}}
+    jets = {label: n for label, _, n, _, _ in _cost_runs("01_token_quality", p, 1000)}
+    assert jets == {"VQ-VAE conditional K=512": pytest.approx(540), "VQ-VAE conditional K=8192": pytest.approx(2340),
+                    "VQ-VAE unconditional K=512": pytest.approx(540), "VQ-VAE unconditional K=8192": pytest.approx(2340)}
+    with pytest.raises(OmnijetError, match=r"^tokenizer_extra_per_class: 4096 not among 512, 8192$"):
+        _cost_runs("01_token_quality", {**p, "tokenizer_extra_per_class": {4096: 200}}, 1000)
+
+
 def test_cost_counts_epochs_per_backbone():
     from omnijet_lib.figures import _cost_runs
 
@@ -98,12 +110,26 @@ def test_cost_counts_epochs_per_backbone():
     assert epochs == {"GPT q/g + t->bqq'": 8, "GPT q/g": 8, "GPT t->bqq'": 16, "GPT data scaling, 0.5 of the jets": 16}
 
 
+def test_cost_counts_the_jets_each_backbone_generates():
+    from omnijet_lib.figures import _cost_runs
+
+    p = {"gpt_per_class": 100, "n_generate": 200, "n_generate_per_model": {"combined": 600},
+         "scaling_fractions": [0.5], "classifier_seeds": [0, 1]}
+    jets = {label: n for label, _, n, _, _ in _cost_runs("02_generation", p, 1000)}
+    assert jets["generation of 1600 jets"] == 1600   # 600 + 200 + 200, and the scaling backbone's 600
+    assert jets["classifier test x2 seeds"] == pytest.approx(0.6 * 2 * 1600 * 2)
+
+
 def test_epochs_per_model_must_map_names_to_integers():
     from omnijet_lib.figures import check_parameter
     from omnijet_lib.io import OmnijetError
 
     check_parameter("quick.yaml 02_generation", "epochs_per_model", {"top": 16}, {})
     check_parameter("quick.yaml 02_generation", "dropout_per_model", {"top": 0.1}, {})
+    check_parameter("quick.yaml 01_token_quality", "tokenizer_extra_per_class", {8192: 2000}, {})
+    check_parameter("quick.yaml 02_generation", "n_generate_per_model", {"combined": 4000}, {})
+    with pytest.raises(OmnijetError, match=r"tokenizer_extra_per_class must be dict\[int, int\]"):
+        check_parameter("quick.yaml 01_token_quality", "tokenizer_extra_per_class", {8192: 0.5}, {})
     with pytest.raises(OmnijetError, match=r"dropout_per_model must be dict\[str, float\]"):
         check_parameter("quick.yaml 02_generation", "dropout_per_model", {"top": "0.1"}, {})
     with pytest.raises(OmnijetError, match=r"quick.yaml 02_generation: epochs_per_model must be dict\[str, int\]"):
