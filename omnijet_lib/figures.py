@@ -114,11 +114,12 @@ PARAMETER_TYPES = {
 }
 
 
-#: Sizes and counts that must be positive (each item, for lists): 0 would train or sample nothing.
+#: Sizes and counts that must be positive (each item or value, for lists and dicts): 0 would train or
+#: sample nothing.
 POSITIVE = {"per_class", "gpt_per_class", "pretrain_per_class", "train_per_class", "explore_per_class", "n_generate",
             "n_test", "n_val", "n_seeds", "num_codes", "codebook_sizes", "binned_bins", "train_sizes", "batch_size",
             "generate_batch_size", "classifier_batch_size", "tokenizer_batch_size", "pretrain_batch_size", "ode_steps",
-            "blob_samples"}
+            "blob_samples", "n_generate_per_model"}
 
 
 def _kind(value) -> str:
@@ -205,9 +206,11 @@ def resolve_parameters(profile: dict, nbs: list[Path]) -> dict[Path, dict]:
         for k, v in params.items():
             where = f"{path}: section {nb.stem if k in own else 'common'}"
             check_parameter(where, k, v, defaults.get(k))
-            if k in POSITIVE and any(x is not None and x <= 0 for x in (v if isinstance(v, list) else [v])):
+            items = v if isinstance(v, list) else list(v.values()) if isinstance(v, dict) else [v]
+            numbers = [x for x in items if isinstance(x, (int, float)) and not isinstance(x, bool)]
+            if k in POSITIVE and any(x <= 0 for x in numbers):
                 raise OmnijetError(f"{where}: {k} must be positive, got {v}")
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+            if any(x < 0 for x in numbers):
                 raise OmnijetError(f"{where}: {k} must not be negative, got {v}")
         out[nb] = params
     return out

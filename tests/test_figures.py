@@ -41,6 +41,18 @@ def test_bad_yaml_and_negative_values(tmp_path):
         load_profile("no_such_profile")
 
 
+def test_values_of_per_key_parameters_are_checked_too(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("02_generation:\n  n_generate_per_model: {combined: 0}\n")
+    with pytest.raises(OmnijetError, match=r"02_generation: n_generate_per_model must be positive, got \{'combined': 0\}"):
+        resolve_parameters(load_profile(p), notebooks())
+    p.write_text("01_token_quality:\n  codebook_sizes: [64]\n  tokenizer_extra_per_class: {64: -3}\n")
+    with pytest.raises(OmnijetError, match="tokenizer_extra_per_class must not be negative"):
+        resolve_parameters(load_profile(p), notebooks())
+    p.write_text("01_token_quality:\n  codebook_sizes: [64]\n  tokenizer_extra_per_class: {64: 0}\n")
+    assert resolve_parameters(load_profile(p), notebooks())  # 0 extra jets is meaningful
+
+
 def test_dry_run_says_whether_the_published_checkpoints_are_there(tmp_path):
     import official_format as of
 
