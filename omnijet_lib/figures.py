@@ -108,6 +108,7 @@ PARAMETER_TYPES = {
     "max_epochs": ("int", "dict[int, int]"),
     "epochs_per_size": ("dict[int, int]",),
     "tokenizer_extra_per_class": ("dict[int, int]",),
+    "model_kw_per_size": ("dict[int, dict]",),
     "epochs_per_model": ("dict[str, int]",),
     "dropout_per_model": ("dict[str, float]",),
     "n_generate_per_model": ("dict[str, int]",),
@@ -527,6 +528,8 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
                                     p.get("epochs", 1))
         extra = value_per_key("tokenizer_extra_per_class", p.get("tokenizer_extra_per_class"),
                               p.get("codebook_sizes", []), 0)
+        # architecture overrides do not enter the estimate; an unknown codebook size fails here, before anything runs
+        value_per_key("model_kw_per_size", p.get("model_kw_per_size"), p.get("codebook_sizes", []), {})
         for kind in vq_kinds:
             for K, epochs in size_epochs.items():
                 runs.append((f"VQ-VAE {kind} K={K}", "vqvae", 0.9 * (train + 10 * extra[K]), epochs,

@@ -112,6 +112,8 @@ def test_cost_counts_the_extra_tokenizer_jets_of_a_codebook_size():
                     "VQ-VAE unconditional K=512": pytest.approx(540), "VQ-VAE unconditional K=8192": pytest.approx(2340)}
     with pytest.raises(OmnijetError, match=r"^tokenizer_extra_per_class: 4096 not among 512, 8192$"):
         _cost_runs("01_token_quality", {**p, "tokenizer_extra_per_class": {4096: 200}}, 1000)
+    with pytest.raises(OmnijetError, match=r"^model_kw_per_size: 4096 not among 512, 8192$"):
+        _cost_runs("01_token_quality", {**p, "model_kw_per_size": {4096: {"dropout": 0.0}}}, 1000)
 
 
 def test_cost_counts_epochs_per_backbone():
@@ -140,6 +142,9 @@ def test_epochs_per_model_must_map_names_to_integers():
     check_parameter("quick.yaml 02_generation", "dropout_per_model", {"top": 0.1}, {})
     check_parameter("quick.yaml 01_token_quality", "tokenizer_extra_per_class", {8192: 2000}, {})
     check_parameter("quick.yaml 02_generation", "n_generate_per_model", {"combined": 4000}, {})
+    check_parameter("quick.yaml 01_token_quality", "model_kw_per_size", {8192: {"dropout": 0.0}}, {})
+    with pytest.raises(OmnijetError, match=r"model_kw_per_size must be dict\[int, dict\]"):
+        check_parameter("quick.yaml 01_token_quality", "model_kw_per_size", {8192: 0.0}, {})
     with pytest.raises(OmnijetError, match=r"tokenizer_extra_per_class must be dict\[int, int\]"):
         check_parameter("quick.yaml 01_token_quality", "tokenizer_extra_per_class", {8192: 0.5}, {})
     with pytest.raises(OmnijetError, match=r"dropout_per_model must be dict\[str, float\]"):
