@@ -45,6 +45,8 @@ import math
 import multiprocessing as mp
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -597,6 +599,11 @@ def simulate_dataset(out_dir, per_class: int, seed: int = 1, workers: int = 2,
     """
     cfg = dataclasses.replace(config or SimulationConfig(), per_class=per_class, seed=seed, workers=workers)
     out_dir = Path(out_dir)
+    if getattr(mp.current_process(), "_inheriting", False):
+        # a worker re-importing a script that simulates at top level: without this it would wait
+        # forever for the lock its parent holds
+        raise OmnijetError(f"{out_dir}: simulation started while a worker process imports the main script; "
+                           "call it under `if __name__ == \"__main__\":`")
     if out_dir.exists() and not out_dir.is_dir():
         raise OmnijetError(f"{out_dir}: output path exists and is not a directory")
     labels = class_selection(classes) or list(range(len(CLASS_LABELS)))  # sorted, unique
@@ -675,9 +682,17 @@ def _simulate_into(out_dir: Path, cfg: SimulationConfig, labels: list[int], prog
             for t in tasks:
                 collect(_simulate_chunk(t))
         else:
-            with _pool_context().Pool(min(cfg.workers, len(tasks))) as pool:
-                for res in pool.imap_unordered(_simulate_chunk, tasks):
-                    collect(res)
+            # an executor, not mp.Pool: a worker that dies while starting breaks it (mp.Pool would
+            # start new ones forever)
+            pool = ProcessPoolExecutor(min(cfg.workers, len(tasks)), mp_context=_pool_context())
+            try:
+                for future in as_completed([pool.submit(_simulate_chunk, t) for t in tasks]):
+                    collect(future.result())
+            except BrokenProcessPool:
+                raise OmnijetError(f"{out_dir}: a simulation worker process died (its error is above); "
+                                   "finished files are kept, a rerun resumes") from None
+            finally:
+                pool.shutdown(wait=False, cancel_futures=True)
     finally:
         bar.close()
     wall = time.perf_counter() - t0

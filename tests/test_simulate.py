@@ -285,3 +285,20 @@ def test_batch_sizes_do_not_change_the_jets(sim_dir, monkeypatch):
     ref = _arrays(sim_dir / "HToWW2Q1L_000.root")
     np.testing.assert_array_equal(res["counts"], ref["jet_nparticles"][:8].astype(int))
     np.testing.assert_array_equal(res["px"], np.concatenate(ref["part_px"][:8]))
+
+
+def test_script_without_main_guard_stops_with_one_line(tmp_path):
+    """Worker processes import the main script again: one that simulates at top level used to
+    wait forever for the cache lock its parent holds; now the workers stop and the parent says why."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text("from omnijet_lib import simulation as S\n"
+                      f"S.simulate_dataset({str(tmp_path / 'sim')!r}, 4, seed=3, workers=2, classes=['QCD', 'Tbqq'],\n"
+                      "                   progress=False, config=S.SimulationConfig(chunk_jets=2, jets_per_file=4))\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode != 0
+    assert "call it under `if __name__ == \"__main__\":`" in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("omnijet_lib.io.OmnijetError: ")
+    assert "a simulation worker process died" in run.stderr.strip().splitlines()[-1]
