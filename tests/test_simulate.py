@@ -300,5 +300,6 @@ def test_script_without_main_guard_stops_with_one_line(tmp_path):
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert run.returncode != 0
     assert "call it under `if __name__ == \"__main__\":`" in run.stderr
-    assert run.stderr.strip().splitlines()[-1].startswith("omnijet_lib.io.OmnijetError: ")
-    assert "a simulation worker process died" in run.stderr.strip().splitlines()[-1]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("omnijet_lib.io.OmnijetError: ")
+    assert "a simulation worker process died" in last
