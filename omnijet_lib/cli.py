@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from .io import OmnijetError
+from .io import WAIT_HELP, OmnijetError
 
 
 def _simulate(argv) -> int:
@@ -24,13 +24,15 @@ def _simulate(argv) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2, help="processes (one Pythia each)")
     ap.add_argument("--classes", nargs="*", help="subset, e.g. QCD Tbqq (default: all ten)")
+    ap.add_argument("--wait", action="store_true", help=WAIT_HELP)
     a = ap.parse_args(argv)
     if a.per_class <= 0:
         raise OmnijetError(f"--per-class must be positive, got {a.per_class}")
     if a.workers <= 0:
         raise OmnijetError(f"--workers must be positive, got {a.workers}")
     class_selection(a.classes, "--classes")  # an empty --classes would simulate nothing
-    for p in simulate_dataset(a.out, per_class=a.per_class, seed=a.seed, workers=a.workers, classes=a.classes):
+    for p in simulate_dataset(a.out, per_class=a.per_class, seed=a.seed, workers=a.workers, classes=a.classes,
+                              wait=a.wait):
         print(p)
     return 0
 
@@ -67,12 +69,15 @@ def _checkpoints(argv) -> int:
                        "checkpoints (tokenizer_conditional_K/, gpt_combined/)")
     c.add_argument("src", help="a directory holding the published files (fetch's --dest)")
     c.add_argument("dest", help="models directory, e.g. data/models/published")
+    for p in (f, c):
+        p.add_argument("--wait", action="store_true", help=WAIT_HELP)
     a = ap.parse_args(argv)
     if a.action == "fetch":
-        for what, path in fetch_published(a.dest, url=a.url).items():
+        for what, path in fetch_published(a.dest, url=a.url, wait=a.wait).items():
             print(f"{what}: {path}")
     else:
-        for what, path in convert_published(a.src, a.dest, progress=lambda msg: print(msg, file=sys.stderr)).items():
+        for what, path in convert_published(a.src, a.dest, progress=lambda msg: print(msg, file=sys.stderr),
+                                            wait=a.wait).items():
             print(f"{what}: {path}")
     return 0
 

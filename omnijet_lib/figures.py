@@ -9,12 +9,18 @@ Profile layout::
 
 A key that the target notebook(s) do not declare in their ``parameters`` cell is an error, and so
 is a section that names no notebook: a typo never silently falls back to a default.
+
+Profiles are files people share, and papermill writes their values into the notebook as Python
+source: so a profile holds plain YAML only (:func:`load_profile`), the contents of every dict
+parameter are checked against a schema (:func:`check_parameter`), and the parameters cell papermill
+injects must be literal assignments (:func:`check_injected`) before any kernel starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -25,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from .io import OmnijetError, atomic_path, value_per_key
+from .io import WAIT_HELP, OmnijetError, atomic_path, exclusive_lock, value_per_key
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +47,19 @@ def notebooks(directory: Path | None = None) -> list[Path]:
     return sorted(p for p in Path(directory or NOTEBOOKS).glob("[0-9][0-9]_*.ipynb"))
 
 
+#: A profile is a few kB of YAML. These bounds refuse a hostile one before it costs memory: megabytes
+#: of text, or aliases that expand exponentially ("billion laughs"; every value reached counts).
+MAX_PROFILE_BYTES = 1 << 20
+MAX_PROFILE_VALUES = 10_000
+_YAML = "tag:yaml.org,2002:"
+_SCALAR_TAGS = {_YAML + t for t in ("str", "int", "float", "bool", "null")}
+_NOT_PLAIN = "is not allowed (only strings, numbers, booleans, null, lists and mappings)"
+
+
 def load_profile(profile: str | Path) -> dict:
-    """Load a profile by name (``ci``) or path; bad YAML names the file and line."""
+    """Load a profile by name (``ci``) or path. Only plain YAML is taken, at every depth: text,
+    numbers, booleans, null, lists and mappings with text or integer keys (:func:`_plain_yaml`);
+    anything else names the file, line and key path."""
     path = Path(profile)
     if not path.suffix:
         path = PARAMS / f"{profile}.yaml"
@@ -50,15 +67,101 @@ def load_profile(profile: str | Path) -> dict:
         known = ", ".join(p.stem for p in sorted(PARAMS.glob("*.yaml")))
         raise OmnijetError(f"{path}: parameter profile not found (known profiles: {known})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with open(path, "rb") as f:
+            text = f.read(MAX_PROFILE_BYTES + 1)
+    except OSError as err:
+        raise OmnijetError(f"{path}: cannot read the parameter profile "
+                           f"({err.strerror or type(err).__name__})") from None
+    if len(text) > MAX_PROFILE_BYTES:
+        raise OmnijetError(f"{path}: more than {MAX_PROFILE_BYTES >> 10} kB; a parameter profile is a few kB of YAML")
+    data = _plain_yaml(path, text)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise OmnijetError(f"{path}: a profile maps 'common' and notebook names to dicts of parameters")
+    names = [k for section, params in data.items() for k in (section, *params) if not isinstance(k, str)]
+    if names:
+        raise OmnijetError(f"{path}: section and parameter names are text, got {names[0]!r}")
+    data["_path"] = str(path)
+    return data
+
+
+def _plain_yaml(path: Path, text: bytes):
+    """The YAML document in ``text`` when it is plain at every depth: a tag other than text,
+    number, boolean or null (``!!binary``, a date, ``!!set``, ``!!python/...``, ``!custom``), a
+    merge key, a key that is not text or an integer, a duplicate key, NaN or infinity, and more
+    than :data:`MAX_PROFILE_VALUES` values are each one line naming file, line and key path.
+    Built from the composed nodes: no constructor ever sees a tag we did not allow."""
+    loader, visited = None, 0
+
+    def fail(node, where: str, problem: str):
+        raise OmnijetError(f"{path}: line {node.start_mark.line + 1}: {where + ': ' if where else ''}{problem}")
+
+    def value(node, where: str):
+        nonlocal visited
+        visited += 1
+        if visited > MAX_PROFILE_VALUES:
+            fail(node, where, f"more than {MAX_PROFILE_VALUES} values (aliases count each time they are used)")
+        if isinstance(node, yaml.ScalarNode) and node.tag in _SCALAR_TAGS:
+            try:
+                out = loader.construct_object(node)
+            except (ValueError, KeyError, yaml.YAMLError):  # !!int abc, !!bool maybe, an int of 5000 digits
+                fail(node, where, f"{_shown(node.value)} is not a valid {_shown_tag(node.tag)}")
+            if isinstance(out, float) and not math.isfinite(out):
+                fail(node, where, f"{node.value} is not a finite number")
+            return out
+        if isinstance(node, yaml.SequenceNode) and node.tag == _YAML + "seq":
+            return [value(item, f"{where}[{i}]") for i, item in enumerate(node.value)]
+        if isinstance(node, yaml.MappingNode) and node.tag == _YAML + "map":
+            out, seen = {}, set()
+            for key_node, value_node in node.value:
+                key = mapping_key(key_node, where)
+                if str(key) in seen:  # papermill passes keys as text: 1 and "1" would collide
+                    fail(key_node, where, f"duplicate key {_shown(key)}")
+                seen.add(str(key))
+                out[key] = value(value_node, f"{where}.{_shown(key)}" if where else _shown(key))
+            return out
+        if node.tag == _YAML + "timestamp":
+            fail(node, where, f"{_shown(node.value)} is a date (!!timestamp) and {_NOT_PLAIN}: "
+                              f"quote it to keep it as text")
+        fail(node, where, f"{_shown_tag(node.tag)} {_NOT_PLAIN}")
+
+    def mapping_key(node, where: str):
+        if isinstance(node, yaml.ScalarNode) and node.tag in (_YAML + "str", _YAML + "int"):
+            return value(node, where)
+        if node.tag == _YAML + "merge":
+            fail(node, where, "merge keys (<<) are not allowed")
+        if isinstance(node, yaml.ScalarNode):
+            fail(node, where, f"key {_shown(node.value)} is a {_shown_tag(node.tag)}: keys are text or integers "
+                              f"(quote it to make it text)")
+        fail(node, where, f"a {'list' if isinstance(node, yaml.SequenceNode) else 'mapping'} as a key is not "
+                          f"allowed: keys are text or integers")
+
+    try:
+        loader = yaml.SafeLoader(text)
+        node = loader.get_single_node()
+        return None if node is None else value(node, "")
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise OmnijetError(f"{path}:{where} invalid YAML ({getattr(err, 'problem', err)})") from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise OmnijetError(f"{path}: a profile maps 'common' and notebook names to dicts of parameters")
-    data["_path"] = str(path)
-    return data
+        problem = getattr(err, "problem", None) or getattr(err, "context", None) or _first_line(err)
+        raise OmnijetError(f"{path}:{where} invalid YAML ({problem})") from None
+    except RecursionError:
+        raise OmnijetError(f"{path}: nested too deeply for a parameter profile") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _shown(text, limit: int = 60) -> str:
+    """A key, value or tag of a profile as one short line (quoted when it holds line breaks or controls)."""
+    text = str(text)
+    text = text if text.isprintable() else repr(text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _shown_tag(tag: str) -> str:
+    return _shown("!!" + tag.removeprefix(_YAML) if tag.startswith(_YAML) else tag)
 
 
 def declared_parameters(nb: Path) -> dict:
@@ -158,7 +261,7 @@ def _fits(value, kind: str) -> bool:
 def _expected_kinds(name: str, default) -> tuple[str, ...]:
     if name in PARAMETER_TYPES:
         return PARAMETER_TYPES[name] + (("None",) if default is None else ())
-    if isinstance(default, dict):  # model/trainer overrides: their keys are checked where they are used
+    if isinstance(default, dict):  # its keys and their values: _dict_schemas
         return ("dict",)
     kind = _kind(default)  # a list keeps the element type of its default when that has one
     return (kind if " | " not in kind else "list",)
@@ -166,8 +269,14 @@ def _expected_kinds(name: str, default) -> tuple[str, ...]:
 
 def check_parameter(where: str, name: str, value, default) -> None:
     """One line naming ``where`` (profile file and section) and ``name`` when ``value`` does not
-    have the type of the notebook's default (or one of :data:`PARAMETER_TYPES`)."""
-    kinds = _expected_kinds(name, default)
+    have the type of the notebook's default (or one of :data:`PARAMETER_TYPES`), or when a dict
+    holds a key or a value its schema (:func:`_dict_schemas`) does not take."""
+    _check_kinds(where, name, value, _expected_kinds(name, default), f" (default: {default!r})")
+    if isinstance(value, dict) and value:
+        _check_dict(where, name, value)
+
+
+def _check_kinds(where: str, name: str, value, kinds: tuple[str, ...], note: str = "") -> None:
     if any(_fits(value, k) for k in kinds):
         return
     hint = ""
@@ -177,29 +286,112 @@ def check_parameter(where: str, name: str, value, default) -> None:
             hint = " (text in YAML: write it without quotes" + (", with a dot: 1.0e-4, not 1e-4)" if "e" in value.lower() else ")")
         except ValueError:
             pass
-    raise OmnijetError(f"{where}: {name} must be {' or '.join(kinds)} (default: {default!r}), "
-                       f"got {_kind(value)} {value!r}{hint}")
+    raise OmnijetError(f"{where}: {name} must be {' or '.join(kinds)}{note}, got {_kind(value)} {value!r}{hint}")
+
+
+#: Dict parameters whose values (one per key, e.g. per codebook size) each take the keys of another.
+PER_KEY_SCHEMA = {"model_kw_per_size": "model_kw"}
+
+
+def _check_dict(where: str, name: str, value: dict) -> None:
+    """The keys and values of dict parameter ``name`` against its schema; one that has none must be
+    fully typed by :data:`PARAMETER_TYPES` (``dict[str, int]``): no dict passes unchecked."""
+    schemas = _dict_schemas()
+    if name in schemas:
+        _check_fields(where, name, value, schemas[name])
+    elif name in PER_KEY_SCHEMA:
+        for key, inner in value.items():
+            _check_fields(where, f"{name}.{_shown(key)}", inner, schemas[PER_KEY_SCHEMA[name]])
+    elif name not in PARAMETER_TYPES:
+        raise OmnijetError(f"{where}: {name}: no schema declares the keys of this dict parameter "
+                           f"(omnijet_lib.figures._dict_schemas)")
+
+
+def _check_fields(where: str, name: str, value: dict, schema: dict) -> None:
+    for key, item in value.items():
+        path = f"{name}.{_shown(key)}"
+        if key not in schema:
+            raise OmnijetError(f"{where}: {path}: unknown key; known: {', '.join(schema)}")
+        if isinstance(schema[key], dict):
+            _check_kinds(where, path, item, ("dict",))
+            _check_fields(where, path, item, schema[key])
+        else:
+            _check_kinds(where, path, item, schema[key])
+
+
+@functools.cache
+def _dict_schemas() -> dict[str, dict]:
+    """``{parameter: {key: kinds, or the schema of a nested dict}}`` for the notebooks' dict parameters:
+    the fields of the config class each one is passed to, without those the notebook sets itself."""
+    from .models.deepsets import DeepSetsConfig
+    from .models.gpt import GPTConfig
+    from .models.normformer import TransformerClassifierConfig
+    from .tokenizers.vqvae import VQVAEConfig
+    from .training.fit import TrainConfig
+
+    return {
+        "trainer": {"procedure": ("str",), **_config_kinds(TrainConfig)},  # TrainConfig.from_params(trainer)
+        "gpt_config": _config_kinds(GPTConfig, "vocab_size"),  # GPTConfig(vocab_size=tokenizer's, **gpt_config)
+        "model_kw": _config_kinds(VQVAEConfig, "conditional", "num_codes"),  # set from the kind and K
+        "classifier_kw": {"deepsets": _config_kinds(DeepSetsConfig, "n_classes"),
+                          "transformer": _config_kinds(TransformerClassifierConfig, "n_classes")},
+    }
+
+
+#: What Lightning takes for the fields annotated ``Any`` (devices, precision): a name, a number or device indices.
+_ANY_KINDS = ("str", "int", "list[int]")
+
+
+def _config_kinds(cls, *left_out: str) -> dict[str, tuple[str, ...]]:
+    """``{field: kinds}`` of a config dataclass from its annotations (``int | None``: int or None);
+    a bare ``list`` takes the element kind of its default."""
+    import dataclasses
+    import types
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in left_out:
+            continue
+        hint, kinds = hints[f.name], []
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        for t in typing.get_args(hint) if union else (hint,):
+            if t is typing.Any:
+                kinds += _ANY_KINDS
+            elif typing.get_origin(t) is list:  # list[int]
+                kinds.append(f"list[{typing.get_args(t)[0].__name__}]")
+            elif t is list:
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                kinds.append(_kind(default) if isinstance(default, list) and " | " not in _kind(default) else "list")
+            else:
+                kinds.append("None" if t is type(None) else t.__name__)
+        out[f.name] = tuple(kinds)
+    return out
 
 
 def resolve_parameters(profile: dict, nbs: list[Path]) -> dict[Path, dict]:
-    """Per-notebook parameters from a profile; unknown keys and sections, and values whose type
-    is not that of the notebook's default, raise OmnijetError naming the file, section and key."""
+    """Per-notebook parameters from a profile; unknown keys and sections, values whose type is not
+    that of the notebook's default, and dict contents outside their schema (:func:`check_parameter`)
+    raise OmnijetError naming the file, section and key."""
     path = profile.get("_path", "profile")
     declared = {nb: declared_parameters(nb) for nb in nbs}
     stems = {nb.stem for nb in nbs}
     common = profile.get("common", {})
     unknown = sorted(set(common) - set().union(*declared.values()))
     if unknown:
-        raise OmnijetError(f"{path}: common parameter(s) {', '.join(unknown)} not declared by any notebook")
+        raise OmnijetError(f"{path}: common parameter(s) {', '.join(map(_shown, unknown))} "
+                           f"not declared by any notebook")
     for section in profile:
         if section not in ("common", "_path") and section not in stems:
-            raise OmnijetError(f"{path}: section '{section}' names no notebook (notebooks: {', '.join(sorted(stems))})")
+            raise OmnijetError(f"{path}: section '{_shown(section)}' names no notebook "
+                               f"(notebooks: {', '.join(sorted(stems))})")
     out = {}
     for nb in nbs:
         own = profile.get(nb.stem, {})
         bad = sorted(set(own) - set(declared[nb]))
         if bad:
-            raise OmnijetError(f"{path}: {nb.stem} has no parameter(s) {', '.join(bad)} "
+            raise OmnijetError(f"{path}: {nb.stem} has no parameter(s) {', '.join(map(_shown, bad))} "
                                f"(it declares: {', '.join(declared[nb])})")
         params = {k: v for k, v in common.items() if k in declared[nb]}
         params.update(own)
@@ -232,11 +424,14 @@ def needs(nb: Path, params: dict) -> set[str]:
 
 
 def run_figures(profile: str = "ci", only: list[str] | None = None, out_dir: Path | None = None,
-                dry_run: bool = False, progress_every: float = 30.0, jobs: int = 1) -> list[Path]:
+                dry_run: bool = False, progress_every: float = 30.0, jobs: int = 1, wait: bool = False,
+                locked: bool = False) -> list[Path]:
     """Execute the notebooks in order; stop at the first failure naming notebook and cell.
     While a notebook runs, a line every ``progress_every`` seconds says which cell (n of N) and
     for how long; the total comes at the end. ``jobs`` > 1 runs up to that many notebooks side
-    by side (:func:`run_parallel`)."""
+    by side (:func:`run_parallel`). The figures folders and ``out_dir`` are locked for the run:
+    another run writing into one of them is an error, or with ``wait`` waited for (``locked``:
+    the caller holds the locks already, as :func:`run_parallel` does for its children)."""
     if jobs < 1:
         raise OmnijetError(f"--jobs must be at least 1, got {jobs}")
     loaded = load_profile(profile)
@@ -248,10 +443,30 @@ def run_figures(profile: str = "ci", only: list[str] | None = None, out_dir: Pat
         plan = {nb: p for nb, p in plan.items() if any(nb.stem.startswith(o) for o in only)}
         if not plan:
             raise OmnijetError(f"no notebook matches {only}")
+    prepared = {nb: _prepared(nb, params) for nb, params in plan.items()}  # before anything runs
     out_dir = Path(out_dir or NOTEBOOKS / "executed")
-    if jobs > 1 and not dry_run and len(plan) > 1:
-        return run_parallel(plan_path, plan, out_dir, jobs, progress_every)
-    import papermill as pm  # slow to import: only once the profile is known to be valid
+    with contextlib.ExitStack() as locks:
+        if not (dry_run or locked):
+            for folder in sorted(_written_folders(plan, out_dir)):  # one order: two runs cannot deadlock
+                locks.enter_context(exclusive_lock(folder, wait=wait))
+        if jobs > 1 and not dry_run and len(plan) > 1:  # each child checks its notebook again
+            return run_parallel(plan_path, plan, out_dir, jobs, progress_every)
+        return _run_serial(plan_path, plan, prepared, out_dir, dry_run, progress_every)
+
+
+def _written_folders(plan: dict[Path, dict], out_dir: Path) -> set[Path]:
+    """The folders a run writes into: each notebook's ``figures_dir`` (relative to the notebooks)
+    and the executed copies' ``out_dir``."""
+    figures = {_defaults(nb).get("figures_dir") if "figures_dir" not in p else p["figures_dir"]
+               for nb, p in plan.items()}
+    return {(NOTEBOOKS / f).resolve() for f in figures if isinstance(f, str)} | {out_dir.resolve()}
+
+
+def _run_serial(plan_path, plan: dict[Path, dict], prepared: dict, out_dir: Path, dry_run: bool,
+                progress_every: float) -> list[Path]:
+    """:func:`run_figures` one notebook after another (or their dry-run cost)."""
+    import nbformat
+    import papermill as pm
 
     out_dir.mkdir(parents=True, exist_ok=True)
     done, gpu_hours, t_all, missing = [], 0.0, time.time(), []
@@ -267,8 +482,9 @@ def run_figures(profile: str = "ci", only: list[str] | None = None, out_dir: Pat
         t0 = time.time()
         try:
             with _Progress(nb.stem, target, every=progress_every), _kernel_config() as config:
-                pm.execute_notebook(str(nb), str(target), parameters=params, cwd=str(NOTEBOOKS),
-                                    kernel_name="python3", progress_bar=False, log_output=False, config=config)
+                nbformat.write(prepared[nb], str(target))  # the checked notebook runs as it is: no parameters now
+                pm.execute_notebook(str(target), str(target), cwd=str(NOTEBOOKS), kernel_name="python3",
+                                    progress_bar=False, log_output=False, config=config)
         except pm.PapermillExecutionError as err:
             src = err.source.strip().splitlines()[0][:60] if err.source and err.source.strip() else ""
             raise OmnijetError(f"{nb.name}: cell {_source_cell(nb, err.cell_index, bool(params))} failed "
@@ -288,6 +504,82 @@ def run_figures(profile: str = "ci", only: list[str] | None = None, out_dir: Pat
             raise OmnijetError(f"{plan_path}: inputs missing for {', '.join(missing)} (the MISSING lines "
                                f"above); download them or change the profile")
     return done
+
+
+def _prepared(nb: Path, params: dict):
+    """``nb`` with papermill's parameters cell injected (in memory), checked by :func:`check_injected`."""
+    import papermill as pm  # slow to import: only once the profile is known to be valid
+
+    try:
+        node = pm.execute_notebook(str(nb), None, parameters=params, prepare_only=True, kernel_name="python3",
+                                   progress_bar=False)
+    except Exception as err:  # a value papermill cannot translate
+        raise OmnijetError(f"{nb.name}: the parameters could not be injected ({type(err).__name__}: "
+                           f"{_shown(_first_line(err), 200)}); nothing was run") from None
+    check_injected(nb, node, params)
+    return node
+
+
+def check_injected(nb: Path, node, params: dict) -> None:
+    """Defence in depth against a value whose text would run as code in the kernel: the parameters
+    cell papermill injected into ``node`` must be ``name = literal`` lines (``ast.literal_eval``)
+    that give back exactly ``params`` (dict keys as text, as papermill writes them); anything else
+    is one line naming the notebook and the parameter."""
+    import ast
+
+    if not params:  # nothing injected
+        return
+    cells = [c for c in node.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    if len(cells) != 1:
+        raise OmnijetError(f"{nb.name}: {len(cells)} injected parameters cells, expected one; nothing was run")
+    lines = cells[0].source.splitlines()
+
+    def refuse(lineno: int, problem: str):
+        """One line naming the parameter whose assignment starts at or before ``lineno``: its value broke out."""
+        names = [ln.split(" = ", 1)[0] for ln in lines[:lineno]]
+        name = next((n for n in reversed(names) if n in params), None)
+        raise OmnijetError(f"{nb.name}: injected parameter{f' {name}' if name else 's'}: {problem}; nothing was run")
+
+    try:
+        body = ast.parse(cells[0].source).body
+    except SyntaxError as err:
+        refuse(err.lineno or len(lines), "the cell is not valid Python (SyntaxError)")
+    except (ValueError, RecursionError, MemoryError) as err:
+        refuse(len(lines), f"the cell cannot be parsed ({type(err).__name__})")
+    given = {}
+    for stmt in body:
+        target = stmt.targets[0].id if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 \
+            and isinstance(stmt.targets[0], ast.Name) else None
+        if target not in params or target in given:  # code smuggled in by a value
+            refuse(stmt.lineno, f"`{_shown(ast.unparse(stmt))}` is not an assignment of a parameter")
+        try:
+            given[target] = ast.literal_eval(stmt.value)
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+            refuse(stmt.lineno, f"`{_shown(ast.unparse(stmt.value))}` is not a literal")
+    for name, value in params.items():
+        try:
+            expected = _as_injected(value)
+        except TypeError as err:
+            raise OmnijetError(f"{nb.name}: injected parameter {_shown(name)} holds a {err}, not plain data; "
+                               f"nothing was run") from None
+        if name not in given or given[name] != expected:
+            raise OmnijetError(f"{nb.name}: injected parameter {_shown(name)} does not give back the profile's "
+                               f"value; nothing was run")
+
+
+def _as_injected(value):
+    """``value`` as the injected cell gives it back (dict keys as text); TypeError naming the
+    first type that is not plain data (exact types: a subclass could change its own text)."""
+    if type(value) in (str, int, float, bool, type(None)):
+        return value
+    if type(value) is list:
+        return [_as_injected(v) for v in value]
+    if type(value) is dict:
+        bad = [k for k in value if type(k) not in (str, int)]
+        if bad:
+            raise TypeError(f"{type(bad[0]).__name__} key")
+        return {str(k): _as_injected(v) for k, v in value.items()}
+    raise TypeError(type(value).__name__)
 
 
 def run_parallel(profile: Path, plan: dict[Path, dict], out_dir: Path, jobs: int, progress_every: float = 30.0,
@@ -324,7 +616,7 @@ def run_parallel(profile: Path, plan: dict[Path, dict], out_dir: Path, jobs: int
                    "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
             cmd = command(nb) if command else [
                 sys.executable, "-m", "omnijet_lib.figures", "--profile", str(profile), "--only", nb.stem,
-                "--executed-dir", str(out_dir), "--progress-every", str(progress_every)]
+                "--executed-dir", str(out_dir), "--progress-every", str(progress_every), "--locked"]
             print(f"[{nb.stem}] starting ({threads} thread{'s' if threads > 1 else ''})", flush=True)
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             failure: list[str] = []
@@ -460,7 +752,7 @@ def _data(params: dict, key: str = "data_files", classes=None) -> tuple[int, str
     paths, missing = [], []
     for p in patterns:
         p = p if Path(p).is_absolute() else str(NOTEBOOKS / p)  # notebooks run in notebooks/
-        hits = sorted(glob.glob(p))
+        hits = [p] if os.path.lexists(p) else sorted(glob.glob(p))  # a file is itself, as for the readers
         (paths.extend(hits) if hits else missing.append(p))
     if want is not None:  # official file names tell the class
         paths = [p for p in paths if any(Path(p).name.startswith(CLASS_FILE_PREFIXES[c] + "_") for c in want)] \
@@ -666,10 +958,12 @@ def main(argv=None) -> int:
     ap.add_argument("--executed-dir", type=Path, default=None,
                     help="where the executed copies go (default notebooks/executed)")
     ap.add_argument("--progress-every", type=float, default=30.0, help=argparse.SUPPRESS)
+    ap.add_argument("--wait", action="store_true", help=WAIT_HELP)
+    ap.add_argument("--locked", action="store_true", help=argparse.SUPPRESS)  # run_parallel's children
     args = ap.parse_args(argv)
     try:
         done = run_figures(args.profile, args.only, out_dir=args.executed_dir, dry_run=args.dry_run,
-                           progress_every=args.progress_every, jobs=args.jobs)
+                           progress_every=args.progress_every, jobs=args.jobs, wait=args.wait, locked=args.locked)
         if args.store_checks:
             for executed in done:
                 store_checked_outputs(executed, NOTEBOOKS / executed.name)

@@ -26,18 +26,23 @@ an inert stand-in (nothing in the file is ever called) and globals that could ru
   safe extraction, sha256 of every file checked on reuse).
 
 Every official tensor must land in exactly one of ours and every one of ours must be filled;
-anything else is an :class:`OmnijetError` naming the tensors. Buffers with no counterpart
+anything else is an :class:`OmnijetError` naming the tensors. The model the arguments declare is
+first built on the meta device and compared with the stored tensors, so that no size in a file
+allocates memory before it is known to fit what the file holds (:func:`~omnijet_lib.io.declared_model`). Buffers with no counterpart
 (the GPT's causal-mask ``tril``) are dropped. The parity tests (tests/test_official_parity.py)
 run the official modules' recorded outputs through these.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import os
 import pickle
 import re
+import reprlib
 import types
 import zipfile
 from pathlib import Path
@@ -45,9 +50,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from .data.download import download_file, extract_archive
+from .data.download import download_file, extract_archive, path_inside
 from .data.features import ANGLE_SCALE, FEATURE_NAMES, PT_SHIFT, REL_CUT
-from .io import OmnijetError, check_finite_weights, file_sha256, save_model, write_json
+from .io import (LOCK_FILE, OmnijetError, check_finite_weights, check_tensor_views, declared_model, exclusive_lock,
+                 file_sha256, save_model, shape_mismatch, write_json)
 from .models.classifier import GPTClassifier
 from .models.gpt import GPT, GPTConfig
 from .tokenizers.base import save_tokenizer
@@ -124,87 +130,126 @@ def rename_official(state_dict: dict, kind: str, source: str = "official state_d
     return out
 
 
-def _load(model: torch.nn.Module, ours: dict, source: str, fill: dict | None = None) -> torch.nn.Module:
-    """Copy ``ours`` into ``model``: shapes must fit and nothing may be missing (``fill`` may
-    supply tensors that the official file does not carry)."""
-    own = model.state_dict()
-    state = dict(fill or {})
-    bad = []
-    for name, tensor in ours.items():
-        if name not in own:
-            bad.append(f"{name} (no such tensor)")
-            continue
-        want = own[name]
-        tensor = tensor.reshape(want.shape) if tensor.numel() == want.numel() else tensor
-        if tensor.shape != want.shape:
-            bad.append(f"{name} {tuple(tensor.shape)} vs {tuple(want.shape)}")
-            continue
-        state[name] = tensor.to(want.dtype)
-    if bad:
-        raise OmnijetError(f"{source}: tensors do not fit the model built from its arguments: {bad[:5]}")
-    missing = sorted(set(own) - set(state))
+def _load(build, ours: dict, source: str, settings: dict, keep=()) -> torch.nn.Module:
+    """The model ``build()`` makes, holding ``ours``. It is built on the meta device first, so that
+    the sizes its arguments declare (``settings``: the official ``model_kwargs``) are compared with
+    the stored tensors before anything is allocated (:func:`~omnijet_lib.io.declared_model`).
+    Shapes must fit (up to the leading singleton dimensions of the official layout) and nothing
+    may be missing, except the tensors named in ``keep``, which the official file need not carry
+    and which keep the values our model starts with."""
+    own = declared_model(source, build, ours, settings).state_dict()
+    misfit = [n for n, t in ours.items() if n in own and t.numel() != own[n].numel()]
+    if misfit:
+        more = f" (and {len(misfit) - 1} more tensors)" if len(misfit) > 1 else ""
+        raise OmnijetError(f"{source}: tensors do not fit the model built from its arguments: "
+                           f"{shape_mismatch(settings, misfit[0], ours[misfit[0]].shape, own[misfit[0]].shape)}{more}")
+    unknown = [f"{n} (no such tensor)" for n in ours if n not in own]
+    if unknown:
+        raise OmnijetError(f"{source}: tensors do not fit the model built from its arguments: {unknown[:5]}")
+    missing = sorted(set(own) - set(ours) - set(keep))
     if missing:
         raise OmnijetError(f"{source}: tensors missing: {missing[:8]}")
+    model = build()  # every tensor it allocates has the size of a stored one
+    state = {n: t for n, t in model.state_dict().items() if n in keep}
+    state.update({n: t.reshape(own[n].shape).to(own[n].dtype) for n, t in ours.items()})
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+_REQUIRED = object()
+
+
+def _brief(value) -> str:
+    """A short one-line repr of a value read from a file (which may be huge or deeply nested)."""
+    return " ".join(reprlib.repr(value).split())
+
+
+def _number(kwargs: dict, key: str, source: str, kind=int, default=_REQUIRED):
+    """``kwargs[key]`` (a dotted path such as ``vq_kwargs.num_codes``) as an int, or for
+    ``kind=float`` a finite number: the official configs hold nothing else there."""
+    value = kwargs
+    for part in key.split("."):
+        value = value.get(part, default) if isinstance(value, dict) else default
+    if value is _REQUIRED:
+        raise OmnijetError(f"{source}: model_kwargs lack {key}")
+    try:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            isinstance(value, int) if kind is int else math.isfinite(value))
+    except OverflowError:  # an integer beyond any float
+        ok = False
+    if not ok:
+        raise OmnijetError(f"{source}: model_kwargs.{key} is {_brief(value)}, expected "
+                           f"{'an integer' if kind is int else 'a finite number'}")
+    return kind(value)
 
 
 def tokenizer_from_official(state_dict: dict, model_kwargs: dict, model_type: str = "VQVAENormFormer",
                             source: str = "official tokenizer") -> VQVAE:
     """Our VQ-VAE from an official tokenizer's ``state_dict`` and its ``model_kwargs``
     (``config.yaml``: ``model.model_kwargs``) and ``model_type`` (``VQVAENormFormer`` or ``MLP``)."""
-    vq = dict(model_kwargs.get("vq_kwargs") or {})
-    common = dict(input_dim=int(model_kwargs.get("input_dim", 3)), latent_dim=int(model_kwargs["latent_dim"]),
-                  num_codes=int(vq["num_codes"]), beta=float(vq.get("beta", 0.95)),
-                  sync_nu=float(vq.get("sync_nu", 0.0)), affine_lr=float(vq.get("affine_lr", 0.0)),
-                  replace_freq=int(vq.get("replace_freq", 0)), kmeans_init=False)
+    if not isinstance(model_kwargs.get("vq_kwargs"), dict):
+        raise OmnijetError(f"{source}: model_kwargs.vq_kwargs is {_brief(model_kwargs.get('vq_kwargs'))}, "
+                           "expected a mapping")
+    common = dict(input_dim=_number(model_kwargs, "input_dim", source, default=3),
+                  latent_dim=_number(model_kwargs, "latent_dim", source),
+                  num_codes=_number(model_kwargs, "vq_kwargs.num_codes", source),
+                  beta=_number(model_kwargs, "vq_kwargs.beta", source, float, 0.95),
+                  sync_nu=_number(model_kwargs, "vq_kwargs.sync_nu", source, float, 0.0),
+                  affine_lr=_number(model_kwargs, "vq_kwargs.affine_lr", source, float, 0.0),
+                  replace_freq=_number(model_kwargs, "vq_kwargs.replace_freq", source, default=0), kmeans_init=False)
     if model_type == "VQVAENormFormer":
-        hidden = int(model_kwargs["hidden_dim"])
+        hidden = _number(model_kwargs, "hidden_dim", source)
         cfg = VQVAEConfig(conditional=True, hidden_dim=hidden, mlp_hidden=hidden,
-                          num_blocks=int(model_kwargs.get("num_blocks", 2)),
-                          num_heads=int(model_kwargs.get("num_heads", 1)), **common)
+                          num_blocks=_number(model_kwargs, "num_blocks", source, default=2),
+                          num_heads=_number(model_kwargs, "num_heads", source, default=1), **common)
         kind = "conditional"
     elif model_type == "MLP":
-        enc, dec = list(model_kwargs.get("encoder_layers") or []), list(model_kwargs.get("decoder_layers") or [])
-        if not enc or len(set(enc)) != 1 or enc != dec:
-            raise OmnijetError(f"{source}: encoder_layers {enc} / decoder_layers {dec}: only equal, uniform "
-                               f"widths (the paper's [128, 128, 128]) are supported")
-        cfg = VQVAEConfig(conditional=False, hidden_dim=int(enc[0]), mlp_layers=len(enc), **common)
+        enc, dec = model_kwargs.get("encoder_layers"), model_kwargs.get("decoder_layers")
+        if not (isinstance(enc, list) and enc and all(isinstance(w, int) and not isinstance(w, bool) for w in enc)) \
+                or len(set(enc)) != 1 or enc != dec:
+            raise OmnijetError(f"{source}: encoder_layers {_brief(enc)} / decoder_layers {_brief(dec)}: only "
+                               f"equal, uniform widths (the paper's [128, 128, 128]) are supported")
+        cfg = VQVAEConfig(conditional=False, hidden_dim=enc[0], mlp_layers=len(enc), **common)
         kind = "unconditional"
     else:
-        raise OmnijetError(f"{source}: model_type {model_type!r} is not supported (VQVAENormFormer or MLP)")
-    model = VQVAE(cfg)
+        raise OmnijetError(f"{source}: model_type {_brief(model_type)} is not supported (VQVAENormFormer or MLP)")
     ours = rename_official(state_dict, kind, source)
-    fill = {"vq.initialised": torch.tensor(True)}
+    keep = {"vq.initialised"}  # our codebook counts as initialised (kmeans_init=False)
     if cfg.affine_lr == 0:  # vqtorch has no affine parameters then; ours stay at the identity
-        fill.update({"vq.affine_scale": torch.zeros(cfg.latent_dim), "vq.affine_bias": torch.zeros(cfg.latent_dim)})
-    if "vq.code_counter" not in ours:
-        fill["vq.code_counter"] = torch.full((cfg.num_codes,), cfg.replace_freq, dtype=torch.long)
-    return _load(model, ours, source, fill)
+        keep |= {"vq.affine_scale", "vq.affine_bias"}
+    if "vq.code_counter" not in ours:  # every code fresh: replace_freq batches before it counts as dead
+        keep.add("vq.code_counter")
+    return _load(lambda: VQVAE(cfg), ours, source, model_kwargs, keep)
 
 
 def _gpt_config(state_dict: dict, model_kwargs: dict, source: str) -> GPTConfig:
     ffn = state_dict.get("module.GPT_blocks.0.ff_block.net.0.weight")
-    if ffn is None:
-        raise OmnijetError(f"{source}: no tensor module.GPT_blocks.0.ff_block.net.0.weight: not an official backbone")
+    if not isinstance(ffn, torch.Tensor) or ffn.ndim != 2:
+        raise OmnijetError(f"{source}: no 2-d tensor module.GPT_blocks.0.ff_block.net.0.weight: "
+                           "not an official backbone")
     n_layer = len({k.split(".")[2] for k in state_dict if k.startswith("module.GPT_blocks.")})
-    return GPTConfig(vocab_size=int(model_kwargs["vocab_size"]), n_embd=int(model_kwargs["embedding_dim"]),
-                     n_head=int(model_kwargs["n_heads"]), n_layer=n_layer, ffn=int(ffn.shape[0]),
-                     dropout=0.0, max_len=int(model_kwargs.get("max_sequence_len", 128)) + 2)
+    sizes = dict(vocab_size=_number(model_kwargs, "vocab_size", source),
+                 n_embd=_number(model_kwargs, "embedding_dim", source), n_head=_number(model_kwargs, "n_heads", source),
+                 max_len=_number(model_kwargs, "max_sequence_len", source, default=128) + 2)
+    try:
+        return GPTConfig(n_layer=n_layer, ffn=int(ffn.shape[0]), dropout=0.0, **sizes)
+    except OmnijetError as err:  # sizes the config refuses (heads that do not divide the width)
+        raise OmnijetError(f"{source}: {err}") from None
 
 
 def gpt_from_official(state_dict: dict, model_kwargs: dict, source: str = "official backbone") -> GPT:
     """Our GPT from an official generative backbone (``module.*`` and the ``head.fc1`` next-token head)."""
-    model = GPT(_gpt_config(state_dict, model_kwargs, source))
-    return _load(model, rename_official(state_dict, "gpt", source), source)
+    cfg = _gpt_config(state_dict, model_kwargs, source)
+    return _load(lambda: GPT(cfg), rename_official(state_dict, "gpt", source), source, model_kwargs)
 
 
 def classifier_from_official(state_dict: dict, model_kwargs: dict, source: str = "official classifier") -> GPTClassifier:
     """Our GPT classifier from an official ``BackboneClassificationLightning`` with the
     summation head (``class_head_type: summation``)."""
-    n_classes = int(model_kwargs.get("n_out_nodes", 2))
-    model = GPTClassifier(_gpt_config(state_dict, model_kwargs, source), n_classes=n_classes, head_init="default")
-    return _load(model, rename_official(state_dict, "classifier", source), source)
+    cfg = _gpt_config(state_dict, model_kwargs, source)
+    n_classes = _number(model_kwargs, "n_out_nodes", source, default=2)
+    return _load(lambda: GPTClassifier(cfg, n_classes=n_classes, head_init="default"),
+                 rename_official(state_dict, "classifier", source), source, model_kwargs)
 
 
 # ------------------------------------------------------------------ reading Lightning checkpoints
@@ -291,37 +336,62 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> dict:
         raise OmnijetError(f"{path}: not a readable checkpoint ({type(err).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise OmnijetError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    odd = [k for k in ckpt["state_dict"] if not isinstance(k, str)]
+    if odd:
+        raise OmnijetError(f"{path}: state_dict key {_brief(odd[0])} is not a tensor name: not a Lightning checkpoint")
+    check_tensor_views(path, ckpt)
     return ckpt
 
 
-def plain(obj):
+#: the hyper_parameters of a real checkpoint nest a few levels deep and hold a few hundred values
+MAX_NESTING, MAX_VALUES = 100, 100_000
+
+
+def plain(obj, source: str = "checkpoint"):
     """Stand-ins of omegaconf containers, Lightning's AttributeDict and ``functools.partial``
     → plain dicts and lists (a partial becomes ``{"_target_": name, **kwargs}``, as in hydra);
-    any other stand-in becomes its qualified name in angle brackets."""
-    if isinstance(obj, Opaque):
-        name, state = obj.qualname, obj.state if isinstance(obj.state, dict) else {}
-        if name.startswith("omegaconf.") and "_content" in state:
-            content = state["_content"]
-            if isinstance(content, dict):
-                return {k: plain(v) for k, v in content.items()}
-            return [plain(v) for v in content] if isinstance(content, list) else content
-        if name.startswith("omegaconf.nodes."):
-            return plain(state.get("_val"))
-        if name == "functools.partial" and isinstance(obj.state, tuple) and len(obj.state) >= 3:
-            func, _, kwargs = obj.state[:3]
-            return {"_target_": getattr(func, "qualname", repr(func)), **plain(kwargs or {})}
-        if obj.items or obj.list:
-            return {k: plain(v) for k, v in obj.items.items()} if obj.items else [plain(v) for v in obj.list]
-        return repr(obj)
-    if isinstance(obj, dict):
-        return {k: plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(plain(v) for v in obj)
-    return obj
+    any other stand-in becomes its qualified name in angle brackets. A structure nested deeper
+    than :data:`MAX_NESTING` levels, or of more than :data:`MAX_VALUES` values (a pickle can
+    refer to one list many times over), is refused with one line naming ``source``."""
+    count = 0
+
+    def convert(obj, depth: int):
+        nonlocal count
+        count += 1
+        if depth > MAX_NESTING:
+            raise OmnijetError(f"{source}: hyper_parameters nest deeper than {MAX_NESTING} levels: "
+                               "not an official checkpoint")
+        if count > MAX_VALUES:
+            raise OmnijetError(f"{source}: hyper_parameters hold more than {MAX_VALUES:,} values: "
+                               "not an official checkpoint")
+        inner = functools.partial(convert, depth=depth + 1)
+        if isinstance(obj, Opaque):
+            name, state = obj.qualname, obj.state if isinstance(obj.state, dict) else {}
+            if name.startswith("omegaconf.") and "_content" in state:
+                content = state["_content"]
+                if isinstance(content, dict):
+                    return {k: inner(v) for k, v in content.items()}
+                return [inner(v) for v in content] if isinstance(content, list) else content
+            if name.startswith("omegaconf.nodes."):
+                return inner(state.get("_val"))
+            if name == "functools.partial" and isinstance(obj.state, tuple) and len(obj.state) >= 3:
+                func, _, kwargs = obj.state[:3]
+                return {"_target_": getattr(func, "qualname", _brief(func)),
+                        **(inner(kwargs) if isinstance(kwargs, dict) else {})}
+            if obj.items or obj.list:
+                return {k: inner(v) for k, v in obj.items.items()} if obj.items else [inner(v) for v in obj.list]
+            return repr(obj)
+        if isinstance(obj, dict):
+            return {k: inner(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(inner(v) for v in obj)
+        return obj
+
+    return convert(obj, 0)
 
 
 def _model_kwargs(ckpt: dict, path: Path) -> tuple[dict, dict]:
-    hp = plain(ckpt.get("hyper_parameters") or {})
+    hp = plain(ckpt.get("hyper_parameters"), str(path))
     kw = hp.get("model_kwargs") if isinstance(hp, dict) else None
     if not isinstance(kw, dict):
         raise OmnijetError(f"{path}: hyper_parameters.model_kwargs missing: not an official OmniJet-α checkpoint")
@@ -353,27 +423,58 @@ OFFICIAL_FEATURES = {
 def check_feature_dict(feature_dict: dict, source: str) -> None:
     """The tokenizer's input scaling (``data.dataset_kwargs_common.feature_dict``) must be ours."""
     if list(feature_dict) != list(OFFICIAL_FEATURES):
-        raise OmnijetError(f"{source}: features {list(feature_dict)} differ from ours {list(OFFICIAL_FEATURES)} "
-                           f"({', '.join(FEATURE_NAMES)})")
+        raise OmnijetError(f"{source}: features {_brief(list(feature_dict))} differ from ours "
+                           f"{list(OFFICIAL_FEATURES)} ({', '.join(FEATURE_NAMES)})")
     for feat, want in OFFICIAL_FEATURES.items():
-        have = feature_dict[feat] or {}
-        for key in sorted(set(want) | set(have)):
+        have = {} if feature_dict[feat] is None else feature_dict[feat]
+        if not isinstance(have, dict):
+            raise OmnijetError(f"{source}: feature_dict.{feat} is {_brief(have)}, expected a mapping")
+        for key in sorted(set(want) | set(have), key=str):
             a, b = have.get(key), want.get(key)
-            same = a == b if isinstance(b, str) or b is None else isinstance(a, (int, float)) and abs(a - b) < 1e-9
+            if isinstance(b, str) or b is None:
+                same = a == b
+            else:  # a number: ints compare exactly (no float conversion of a huge int)
+                same = isinstance(a, (int, float)) and not isinstance(a, bool) and (
+                    a == b or isinstance(a, float) and abs(a - b) < 1e-9)
             if not same:
-                raise OmnijetError(f"{source}: feature_dict.{feat}.{key} is {a!r}, ours is {b!r}: "
+                raise OmnijetError(f"{source}: feature_dict.{feat}.{key} is {_brief(a)}, ours is {b!r}: "
                                    "tokens of this model would not mean what they mean here")
 
 
+#: the config.yaml of a training is a few kB; a larger file is not one
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def _config_yaml(path: Path) -> dict:
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         raise OmnijetError(f"{path}: not found; the official tokenizer needs the config.yaml of its training "
-                           "(it holds the feature scaling)") from None
+                           "(it holds the feature scaling)")
+    if not path.is_file():  # a folder, a FIFO (whose read would block), ...
+        raise OmnijetError(f"{path}: not a regular file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise OmnijetError(f"{path}: cannot read it ({err.strerror or err})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise OmnijetError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; the config.yaml of a training "
+                           "is a few kB")
+    try:
+        cfg = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise OmnijetError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as err:
-        raise OmnijetError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise OmnijetError(f"{path}: not valid YAML ({(str(err).splitlines() or ['?'])[0]})") from None
+    except RecursionError:
+        raise OmnijetError(f"{path}: nested too deeply to be a training config") from None
     return cfg if isinstance(cfg, dict) else {}
+
+
+def _get(obj, *keys):
+    """``obj[k1][k2]...``, or None where a key is missing or a level is not a mapping."""
+    for key in keys:
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    return obj
 
 
 def load_official_tokenizer(path: str | os.PathLike) -> VQVAE:
@@ -384,11 +485,13 @@ def load_official_tokenizer(path: str | os.PathLike) -> VQVAE:
     ckpt = read_lightning_checkpoint(ckpt_path)
     hp, kw = _model_kwargs(ckpt, ckpt_path)
     cfg = _config_yaml(ckpt_path.parent / "config.yaml")
-    feature_dict = ((cfg.get("data") or {}).get("dataset_kwargs_common") or {}).get("feature_dict")
+    feature_dict = _get(cfg, "data", "dataset_kwargs_common", "feature_dict")
     if not isinstance(feature_dict, dict):
         raise OmnijetError(f"{ckpt_path.parent / 'config.yaml'}: no data.dataset_kwargs_common.feature_dict")
     check_feature_dict(feature_dict, str(ckpt_path.parent / "config.yaml"))
-    model_type = hp.get("model_type") or (cfg.get("model") or {}).get("model_type")
+    model_type = hp.get("model_type")
+    if model_type is None:
+        model_type = _get(cfg, "model", "model_type")
     _require(kw, ["latent_dim", "vq_kwargs"], ckpt_path, "tokenizer")
     sd = _state_dict(ckpt, ("model.",), ckpt_path, "tokenizer (VQVAELightning)")
     return tokenizer_from_official(sd, kw, model_type, source=str(ckpt_path))
@@ -412,8 +515,8 @@ def load_official_classifier(path: str | os.PathLike) -> GPTClassifier:
     ckpt = read_lightning_checkpoint(path)
     hp, kw = _model_kwargs(ckpt, path)
     head = hp.get("class_head_type", "summation")
-    if head != "summation":
-        raise OmnijetError(f"{path}: class_head_type {head!r} is not supported (summation only)")
+    if not (isinstance(head, str) and head == "summation"):
+        raise OmnijetError(f"{path}: class_head_type {_brief(head)} is not supported (summation only)")
     _require(kw, ["vocab_size", "embedding_dim", "n_heads"], path, "classifier")
     return classifier_from_official(_state_dict(ckpt, ("module.",), path, "classifier"), kw, source=str(path))
 
@@ -422,7 +525,10 @@ def load_official_classifier(path: str | os.PathLike) -> GPTClassifier:
 #: The public DESY Sync&Share folder that the official ``checkpoints/download_checkpoints.sh`` fetches.
 PUBLISHED_URL = "https://syncandshare.desy.de/public.php/dav/files/HX388YZbjSGPNcC/?accept=zip"
 MANIFEST = "omnijet_checkpoints.sha256.json"
+_ARCHIVE = "omnijet_checkpoints.download"
+_OURS = (MANIFEST, _ARCHIVE, LOCK_FILE)  # names fetch writes into dest: no archive member may take them
 _CONVERTED = "published.json"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def find_published(checkpoint_dir: str | os.PathLike) -> dict[str, Path]:
@@ -444,15 +550,23 @@ def find_published(checkpoint_dir: str | os.PathLike) -> dict[str, Path]:
     return {k: v[0] for k, v in found.items()}
 
 
-def convert_published(checkpoint_dir: str | os.PathLike, dest: str | os.PathLike, progress=print) -> dict[str, Path]:
+def convert_published(checkpoint_dir: str | os.PathLike, dest: str | os.PathLike, progress=print,
+                      wait: bool = False) -> dict[str, Path]:
     """The published tokenizer and backbone as our safetensors checkpoints, where the notebooks
     look for them: ``dest/tokenizer_conditional_K/tokenizer.safetensors`` and
     ``dest/gpt_combined/gpt.safetensors``. Returns those paths (``tokenizer``, ``gpt_combined``).
 
     Converted once: ``dest/published.json`` records the sha256 of the sources, and a later call
     with the same sources reuses the outputs. Files in the way that were not converted from
-    these sources are refused rather than overwritten."""
-    src, dest = find_published(checkpoint_dir), Path(dest)
+    these sources are refused rather than overwritten. Another process converting into ``dest``
+    is an error, or with ``wait`` waited for."""
+    src = find_published(checkpoint_dir)
+    with exclusive_lock(dest, wait=wait):
+        return _convert_into(src, Path(dest), checkpoint_dir, progress)
+
+
+def _convert_into(src: dict[str, Path], dest: Path, checkpoint_dir, progress) -> dict[str, Path]:
+    """:func:`convert_published`'s work, under ``dest``'s lock."""
     sums = {k: file_sha256(p) for k, p in src.items()}
     record = dest / _CONVERTED
     try:
@@ -485,26 +599,54 @@ def convert_published(checkpoint_dir: str | os.PathLike, dest: str | os.PathLike
     return outs
 
 
-def _verify_manifest(dest: Path) -> list[str] | None:
-    """Files of ``dest``'s manifest that are missing or differ; None when there is no manifest."""
-    try:
-        manifest = json.loads((dest / MANIFEST).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+def _manifest_problem(manifest, dest: Path) -> str | None:
+    """Why ``manifest`` is not a record fetch could have written for ``dest``; None if it is one."""
     if not isinstance(manifest, dict) or not manifest:
+        return "not a JSON mapping of file -> sha256"
+    for rel, sha in manifest.items():
+        if not (isinstance(sha, str) and _SHA256.fullmatch(sha)):
+            return f"the sha256 of {rel!r} is not 64 hex digits"
+        if not path_inside(dest, rel):
+            return f"{rel!r} is not a path inside {dest}"
+    return None
+
+
+def _verify_manifest(dest: Path) -> list[str] | None:
+    """Files of ``dest``'s manifest that are missing or differ; None when there is no manifest,
+    or it is corrupt (a warning says why: it decides what gets deleted, so any doubt discards it)."""
+    path = dest / MANIFEST
+    if not os.path.lexists(path):
+        return None
+    try:
+        manifest = json.loads(path.read_text()) if path.is_file() and not path.is_symlink() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        manifest = None
+    problem = _manifest_problem(manifest, dest)
+    if problem:
+        log.warning("%s: %s; discarding it as corrupt", path, problem)
         return None
     return [rel for rel, sha in manifest.items() if not (dest / rel).is_file() or file_sha256(dest / rel) != sha]
 
 
-def fetch_published(dest: str | os.PathLike, url: str = PUBLISHED_URL, progress: bool = True) -> dict[str, Path]:
+def fetch_published(dest: str | os.PathLike, url: str = PUBLISHED_URL, progress: bool = True,
+                    wait: bool = False) -> dict[str, Path]:
     """Download the published checkpoints archive into ``dest`` and unpack it; returns
     :func:`find_published` of ``dest``.
 
     As the JetClass downloader: the download resumes, files get their names only when complete,
-    archive members that would land outside ``dest`` (or are links) are refused. The sha256 of
-    every unpacked file goes into ``dest/omnijet_checkpoints.sha256.json``; a later call checks
-    them and fetches again only if a file is missing or differs."""
-    dest = Path(dest)
+    archive members that would land outside ``dest`` (or are links) are refused, and so are
+    members named as the files written here; the archive's size is bounded and a damaged archive
+    leaves ``dest`` as it was. The sha256 of every unpacked file goes into
+    ``dest/omnijet_checkpoints.sha256.json``; a later call checks them and fetches again only if a
+    file is missing or differs. Nothing outside ``dest`` is ever written or deleted: a record
+    listing a path outside it is discarded as corrupt. Another process fetching into ``dest`` is
+    an error, or with ``wait`` waited for."""
+    with exclusive_lock(dest, wait=wait):
+        return _fetch_into(Path(dest), url, progress)
+
+
+def _fetch_into(dest: Path, url: str, progress: bool) -> dict[str, Path]:
+    """:func:`fetch_published`'s work, under ``dest``'s lock."""
     bad = _verify_manifest(dest)
     if bad == []:
         log.info("%s: published checkpoints present, sha256 verified", dest)
@@ -512,12 +654,13 @@ def fetch_published(dest: str | os.PathLike, url: str = PUBLISHED_URL, progress:
     if bad:
         log.warning("%s: %s missing or changed since the download; fetching again", dest, ", ".join(bad))
         for rel in bad:
-            (dest / rel).unlink(missing_ok=True)
-    archive = download_file(url, dest / "omnijet_checkpoints.download", progress=progress,
-                            desc="OmniJet-α checkpoints")
-    files = extract_archive(archive, dest, progress=progress)
-    manifest = {str(p.relative_to(dest)): file_sha256(p) for p in files}
-    write_json(dest / MANIFEST, manifest)
-    archive.unlink()
+            if (dest / rel).is_file() and not (dest / rel).is_symlink():  # regular files of ours only
+                (dest / rel).unlink()
+    archive = download_file(url, dest / _ARCHIVE, progress=progress, desc="OmniJet-α checkpoints")
+    try:
+        files = extract_archive(archive, dest, progress=progress, reserved=_OURS)
+    finally:  # a damaged archive is downloaded afresh by the next run anyway
+        archive.unlink()
+    write_json(dest / MANIFEST, {str(p.relative_to(dest)): file_sha256(p) for p in files})
     log.info("%s: %d files unpacked, sha256 recorded in %s", dest, len(files), MANIFEST)
     return find_published(dest)

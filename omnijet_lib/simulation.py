@@ -589,9 +589,10 @@ LAST_RUN: dict = {}
 
 def simulate_dataset(out_dir, per_class: int, seed: int = 1, workers: int = 2,
                      classes: Sequence | None = None, progress: bool = True,
-                     config: SimulationConfig | None = None) -> list[Path]:
+                     config: SimulationConfig | None = None, wait: bool = False) -> list[Path]:
     """Simulate ``per_class`` jets for each class into ``out_dir`` as official-schema ROOT files
     (``TTBar_000.root`` ...; a new file every ``jets_per_file`` jets). Returns the file paths.
+    Another process simulating into ``out_dir`` is an error, or with ``wait`` waited for.
 
     Finished files are skipped (rerun = resume); each file appears only when complete. Same
     settings -> identical files, for any ``workers``. ``config`` overrides the other settings
@@ -608,7 +609,7 @@ def simulate_dataset(out_dir, per_class: int, seed: int = 1, workers: int = 2,
         raise OmnijetError(f"{out_dir}: output path exists and is not a directory")
     labels = class_selection(classes) or list(range(len(CLASS_LABELS)))  # sorted, unique
     out_dir.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(out_dir / ".lock", f"{out_dir}: another process is simulating into it; waiting"):
+    with exclusive_lock(out_dir, wait=wait, waiting=f"{out_dir}: another process is simulating into it; waiting"):
         return _simulate_into(out_dir, cfg, labels, progress)
 
 
@@ -754,7 +755,9 @@ def default_dataset(per_class: int, seed: int = 1, root=None, workers: int = 2,
     cfg = SimulationConfig(per_class=per_class, seed=seed, workers=workers)
     out = Path(root) if root is not None else data_root()
     out = out / "simulated" / cfg.cache_key()
-    simulate_dataset(out, per_class, seed=seed, workers=workers, classes=classes, progress=progress, config=cfg)
+    # notebooks run side by side share this cache: one simulates, the other waits for it
+    simulate_dataset(out, per_class, seed=seed, workers=workers, classes=classes, progress=progress, config=cfg,
+                     wait=True)
     return out
 
 

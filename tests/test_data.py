@@ -177,26 +177,3 @@ def test_load_padded_names_the_global_entry_of_a_nan(tmp_path, real_jets, monkey
     f = write_unchecked(tmp_path / "nan.root", bad)
     with pytest.raises(OmnijetError, match=r"branch part_px contains 1 NaN/inf values \(first in entry 300\)"):
         load_padded(f, workers=2, chunk=64)
-
-
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="POSIX advisory locks")
-def test_exclusive_lock_makes_a_second_process_wait(tmp_path, capsys):
-    import subprocess
-    import sys
-
-    from omnijet_lib.io import exclusive_lock
-
-    lock, marker = tmp_path / ".lock", tmp_path / "holder_done"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time, pathlib; from omnijet_lib.io import exclusive_lock\n"
-        f"with exclusive_lock({str(lock)!r}):\n"
-        "    print('held', flush=True); time.sleep(1.5)\n"
-        f"    pathlib.Path({str(marker)!r}).write_text('x')\n")], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
-    with exclusive_lock(lock, "busy: waiting"):
-        assert marker.is_file()  # entered only after the holder's block had finished
-    assert holder.wait(timeout=30) == 0
-    assert "busy: waiting" in capsys.readouterr().out
-    with exclusive_lock(lock, "busy: waiting"):  # free now: no message
-        pass
-    assert capsys.readouterr().out == ""

@@ -13,26 +13,29 @@ Two entry points:
 * :func:`download_file` -- any one file, resumable (e.g. the published OmniJet-α checkpoints).
 
 Both resume partial downloads, write through a temporary name and rename atomically, and refuse
-member paths that would escape the destination. Only the standard library speaks HTTP.
+member paths that would escape the destination. Extraction is bounded (:data:`MAX_UNPACKED` in
+all, :data:`MAX_RATIO` per zip member) and all-or-nothing. Only the standard library speaks HTTP.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import logging
+import lzma
 import os
 import re
-import shutil
 import stat
 import struct
 import tarfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Callable, Iterator, Sequence
+from typing import BinaryIO, Callable, Collection, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
@@ -55,6 +58,9 @@ __all__ = [
     "download_file",
     "download_archive",
     "extract_archive",
+    "path_inside",
+    "MAX_UNPACKED",
+    "MAX_RATIO",
 ]
 
 ZENODO_RECORD = 6619768
@@ -84,6 +90,15 @@ _BLOCK = 512  # tar header / padding unit
 _CHUNK = 1 << 20  # bytes per read while copying
 _TIMEOUT = 60  # seconds per HTTP request
 _FILE_RE = re.compile(r"^(?P<prefix>[A-Za-z0-9]+)_(?P<num>\d+)\.root$")
+
+#: Default bound on the bytes an archive may unpack to (the published checkpoints are a few hundred MB).
+MAX_UNPACKED = 8 << 30
+#: A zip member over :data:`_RATIO_FLOOR` bytes may expand at most this many times its compressed size.
+MAX_RATIO = 200
+_RATIO_FLOOR = 1 << 20
+_TEMP_NAME = re.compile(r"\..+\.(part|partial)")  # our temporaries: atomic_path, _partial_path
+#: What reading a damaged member raises (zip CRC/header, deflate/lzma/bz2 streams, truncated tar).
+_CORRUPT = (zipfile.BadZipFile, tarfile.TarError, zlib.error, lzma.LZMAError, EOFError, NotImplementedError, OSError)
 
 
 def archive_url(name: str, base_url: str | None = None) -> str:
@@ -307,6 +322,20 @@ def _safe_relpath(name: str, where: str) -> PurePosixPath:
     return PurePosixPath(*parts) if parts else PurePosixPath(".")
 
 
+def path_inside(dest: Path, rel: str) -> bool:
+    """Whether ``dest/rel`` names something strictly inside ``dest``: ``rel`` is relative, has no
+    ``..`` and no symbolic link already in ``dest`` leads it out."""
+    parts = PurePosixPath(rel).parts
+    if not parts or PurePosixPath(rel).is_absolute() or Path(rel).is_absolute() or ".." in parts:
+        return False
+    try:
+        root = dest.resolve()
+        target = (dest / rel).resolve()
+    except (OSError, RuntimeError, ValueError):  # symlink loop, NUL byte
+        return False
+    return target != root and target.is_relative_to(root)
+
+
 # ----------------------------------------------------------------------------------- checking
 def check_member(path: str | os.PathLike, size: int | None = None, name=None) -> None:
     """Integrity check of a file taken out of an archive (md5s exist only for whole archives).
@@ -438,6 +467,8 @@ def download_file(url: str, final: str | os.PathLike, md5: str | None = None, pr
     final = Path(final)
     partial = _partial_path(final)
     _mkdir(final.parent)
+    if partial.is_symlink():  # appending would write wherever it points
+        raise OmnijetError(f"{partial}: is a symbolic link; refusing to write through it (remove it)")
     have = partial.stat().st_size if partial.is_file() else 0
     resp = _request(url, have) if have else _request(url)
     if resp is not None:  # None: 416, the partial file already holds every byte
@@ -490,52 +521,144 @@ def download_archive(
 
 
 def extract_archive(path: str | os.PathLike, dest: str | os.PathLike = "data/jetclass",
-                    progress: bool = True) -> list[Path]:
+                    progress: bool = True, *, max_size: int = MAX_UNPACKED, max_ratio: float = MAX_RATIO,
+                    reserved: Collection[str] = ()) -> list[Path]:
     """Unpack a tar or zip archive into ``dest`` safely; returns the extracted files.
 
-    Every member is checked before anything is written: no absolute paths, no ``..``, only
-    regular files and directories (no links or devices). Files are written atomically; files
-    already present with the right size are skipped.
+    Every member is checked before anything is written: no absolute paths, no ``..``, no path that
+    a symbolic link already in ``dest`` leads out of it, only regular files and directories (no
+    links or devices), each name once, nothing named (at any level) as one of ``reserved``
+    (files the caller writes into ``dest`` itself) or as our temporaries; at most ``max_size``
+    bytes in all and no zip member over 1 MiB expanding more than ``max_ratio`` times (bombs).
+    A member must then hold exactly the bytes its header declares (headers can lie). Files already
+    present with the right size are skipped; the others are written to temporaries that get their
+    names only once every member is complete, so a failure (bad CRC, truncated archive) leaves
+    ``dest`` as it was.
     """
     path, dest = Path(path), Path(dest)
     with open(path, "rb") as f:
         head = f.read(4)  # a tar of zips (e.g. of torch checkpoints) also passes zipfile.is_zipfile
     if head == b"PK\x03\x04" and zipfile.is_zipfile(path):
-        zf = zipfile.ZipFile(path)
+        try:
+            zf = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError) as err:
+            raise OmnijetError(f"{path}: not a readable zip archive ({err})") from None
         with zf:
             members = zf.infolist()
             for m in members:
                 _safe_relpath(m.filename, str(path))
                 if stat.S_ISLNK(m.external_attr >> 16):
                     raise OmnijetError(f"{path}: refusing member {m.filename!r}: links are not extracted")
+                if m.flag_bits & 0x1:
+                    raise OmnijetError(f"{path}: refusing member {m.filename!r}: it is encrypted")
+                if m.file_size > _RATIO_FLOOR and m.file_size > max_ratio * m.compress_size:
+                    raise OmnijetError(f"{path}: refusing member {m.filename!r}: {m.compress_size:,} bytes that "
+                                       f"expand to {m.file_size:,}, more than {max_ratio:g} times (a zip bomb?)")
             files = [(m.filename, m.file_size, lambda m=m: zf.open(m)) for m in members if not m.is_dir()]
-            return _extract(files, path, dest, progress)
+            return _extract(files, path, dest, progress, max_size, reserved)
     try:
         tf = tarfile.open(path, "r:")
     except (tarfile.TarError, OSError) as err:
         raise OmnijetError(f"{path}: not a readable uncompressed tar or zip archive ({err})") from None
     with tf:
-        members = tf.getmembers()
+        members = []
+        try:
+            for m in tf:  # a member whose data is cut short fails when the next header is sought
+                members.append(m)
+        except (tarfile.TarError, OSError) as err:
+            where = f"member {members[-1].name!r}" if members else "its first member"
+            raise OmnijetError(f"{path}: truncated or corrupt tar archive at {where} ({err}); "
+                               "nothing was extracted") from None
         for m in members:
             _safe_relpath(m.name, str(path))
             if not (m.isfile() or m.isdir()):
                 raise OmnijetError(f"{path}: refusing member {m.name!r}: only regular files and "
                                    "directories are extracted (links and devices are not)")
         files = [(m.name, m.size, lambda m=m: tf.extractfile(m)) for m in members if m.isfile()]
-        return _extract(files, path, dest, progress)
+        return _extract(files, path, dest, progress, max_size, reserved)
 
 
-def _extract(files, path: Path, dest: Path, progress: bool) -> list[Path]:
-    """Write checked ``(name, size, open)`` members under ``dest``, each atomically."""
-    out: list[Path] = []
-    with tqdm(total=sum(size for _, size, _ in files), unit="B", unit_scale=True, unit_divisor=1024,
-              disable=not progress, desc=f"extract {path.name}") as bar:
-        for name, size, open_member in files:
-            target = dest / _safe_relpath(name, str(path))
-            if not (target.is_file() and target.stat().st_size == size):
+def _target(name: str, path: Path, dest: Path, reserved: Collection[str]) -> Path:
+    """Where member ``name`` goes under ``dest``, or a refusal naming the archive and the member."""
+    rel = _safe_relpath(name, str(path))
+    if not rel.name:
+        raise OmnijetError(f"{path}: refusing member {name!r}: it has no file name")
+    for part in rel.parts:  # a folder with such a name would block the file as much
+        if part in reserved or _TEMP_NAME.fullmatch(part):
+            raise OmnijetError(f"{path}: refusing member {name!r}: {part!r} is a name omnijet writes itself")
+    if not path_inside(dest, str(rel)):
+        raise OmnijetError(f"{path}: refusing member {name!r}: a symbolic link in {dest} leads it outside")
+    return dest / rel
+
+
+def _new_dirs(d: Path) -> list[Path]:
+    """``d`` and its missing parents, outermost first."""
+    missing = []
+    while not d.exists() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    return missing[::-1]
+
+
+def _extract(files, path: Path, dest: Path, progress: bool, max_size: int = MAX_UNPACKED,
+             reserved: Collection[str] = ()) -> list[Path]:
+    """Write checked ``(name, size, open)`` members under ``dest``, all or none."""
+    targets = [_target(name, path, dest, reserved) for name, _, _ in files]
+    seen, folders = set(), {d for t in targets for d in t.parents}
+    for (name, _, _), target in zip(files, targets):  # one would overwrite or block the other
+        if target in seen:
+            raise OmnijetError(f"{path}: refusing member {name!r}: the archive holds it more than once")
+        if target in folders:
+            raise OmnijetError(f"{path}: refusing member {name!r}: the archive also has a folder of that name")
+        seen.add(target)
+    total = sum(size for _, size, _ in files)
+    if total > max_size:
+        raise OmnijetError(f"{path}: unpacks to {total:,} bytes, more than the {max_size:,}-byte limit; "
+                           "refusing it as a possible archive bomb")
+    created: list[Path] = []  # folders made here, removed again if a member fails
+    try:
+        with contextlib.ExitStack() as staged, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                                                    disable=not progress, desc=f"extract {path.name}") as bar:
+            for (name, size, open_member), target in zip(files, targets):
+                if target.is_file() and target.stat().st_size == size:
+                    bar.update(size)
+                    continue
+                created += _new_dirs(target.parent)
                 _mkdir(target.parent)
-                with atomic_path(target) as tmp, open_member() as src, open(tmp, "wb") as dst:
-                    shutil.copyfileobj(src, dst, _CHUNK)
-            bar.update(size)
-            out.append(target)
-    return out
+                _copy_member(open_member, staged.enter_context(atomic_path(target)), size, name, path, bar)
+    except BaseException:  # the staged temporaries are gone already (atomic_path)
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+    return targets
+
+
+def _copy_member(open_member, tmp: Path, size: int, name: str, path: Path, bar) -> None:
+    """Copy one member into ``tmp``: exactly the ``size`` bytes its header declares."""
+    def corrupt(err):
+        return OmnijetError(f"{path}: member {name!r} is corrupt ({str(err) or type(err).__name__}); "
+                            "nothing was extracted")
+
+    try:
+        src = open_member()
+    except _CORRUPT as err:
+        raise corrupt(err) from None
+    done = 0
+    with src, open(tmp, "wb") as dst:
+        while True:
+            try:  # one byte past the declared size shows a stream that holds more
+                chunk = src.read(min(_CHUNK, size - done + 1))
+            except _CORRUPT as err:
+                raise corrupt(err) from None
+            if not chunk:
+                break
+            done += len(chunk)
+            if done > size:
+                raise OmnijetError(f"{path}: member {name!r} holds more than the {size:,} bytes its header "
+                                   "declares; nothing was extracted")
+            dst.write(chunk)
+            bar.update(len(chunk))
+    if done < size:
+        raise OmnijetError(f"{path}: member {name!r} ends after {done:,} of the {size:,} bytes its header "
+                           "declares (truncated or corrupt archive); nothing was extracted")

@@ -12,7 +12,6 @@ Simulated, downloaded and generated jets all pass through :func:`write_jetclass`
 
 from __future__ import annotations
 
-import glob as _glob
 import logging
 import os
 from pathlib import Path
@@ -25,6 +24,7 @@ import vector
 from ..io import OmnijetError, atomic_path
 from .schema import (CLASS_FILE_PREFIXES, CLASS_LABELS, CLASS_NAMES, JET_BRANCHES, LABEL_BRANCHES,
                      PART_BRANCHES, REQUIRED_BRANCHES as _REQUIRED, class_index, class_selection)
+from .paths import input_files
 from .validate import check_constituents, check_finite, check_jets, check_labels
 
 vector.register_awkward()
@@ -81,29 +81,6 @@ def _energy(part: ak.Array) -> ak.Array:
 
 
 # ------------------------------------------------------------------------------------ reading
-def _expand(files: str | os.PathLike | Iterable) -> list[Path]:
-    if isinstance(files, (str, os.PathLike)):
-        files = [files]
-    out: list[Path] = []
-    for f in files:
-        s = str(f)
-        if any(ch in s for ch in "*?["):
-            matches = sorted(_glob.glob(s))
-            if not matches:
-                raise OmnijetError(f"{s}: no files match this pattern")
-            out += [Path(m) for m in matches]
-        else:
-            out.append(Path(s))
-    if not out:
-        raise OmnijetError("no input files given")
-    for p in out:
-        if not p.exists():
-            raise OmnijetError(f"{p}: file not found")
-        if p.is_dir():
-            raise OmnijetError(f"{p}: is a directory; pass a file or a glob like '{p}/*.root'")
-    return out
-
-
 def _open_tree(path: Path):
     import uproot
 
@@ -173,7 +150,7 @@ def iter_jetclass(
     step_size: int = 100_000,
 ) -> Iterator[ak.Array]:
     """Stream jets chunk by chunk (at most ``step_size`` jets each) from JetClass-schema files."""
-    paths = _expand(files)
+    paths = input_files(files)
     wanted = class_selection(classes)
     if max_jets is not None and max_jets < 0:
         raise OmnijetError(f"max_jets must be >= 0, got {max_jets}")

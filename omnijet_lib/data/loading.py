@@ -9,7 +9,8 @@ import numpy as np
 
 from ..io import REPO, OmnijetError
 from .features import MAX_CONSTITUENTS, flat_features, pad_into
-from .jetclass import _expand, _open_tree, _read_range
+from .jetclass import _open_tree, _read_range
+from .paths import input_files
 from .schema import LABEL_BRANCHES, REQUIRED_BRANCHES as _REQUIRED, class_selection
 from .validate import check_constituents, check_labels
 
@@ -42,7 +43,7 @@ def load_padded(files, classes=None, max_jets: int | None = None, max_len: int =
     wanted = class_selection(classes)
     # without a class selection max_jets is known up front: plan only the entries needed
     budget = max_jets if wanted is None else None
-    trees = [(path, _open_tree(path)) for path in _expand(files)]
+    trees = [(path, _open_tree(path)) for path in input_files(files)]
     total = sum(int(tree.num_entries) for _, tree in trees)
     if budget is not None:
         total = min(total, budget)

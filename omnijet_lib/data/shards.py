@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..io import OmnijetError, atomic_path
+from .paths import input_files
 
 log = logging.getLogger(__name__)
 
@@ -138,19 +139,7 @@ def shard_paths(shards) -> tuple[list[Path], int | None]:
         if not man.get("complete", False):
             log.warning("%s: tokenization is not finished; using the %d shards done so far", shards, len(man["shards"]))
         return [Path(shards) / s["name"] for s in man["shards"]], int(man["num_codes"])
-    import glob
-
-    items = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
-    paths: list[Path] = []
-    for s in items:
-        s = str(s)
-        hits = sorted(glob.glob(s)) if any(c in s for c in "*?[") else [s]
-        if not hits:
-            raise OmnijetError(f"{s}: no token shards match")
-        paths += [Path(h) for h in hits]
-    if not paths:
-        raise OmnijetError("no token shards given")
-    return paths, None
+    return input_files(shards, suffix=".npz"), None
 
 
 # --------------------------------------------------------------------------- streaming dataset

@@ -69,8 +69,12 @@ def check_constituents(where, jagged: dict, start: int = 0) -> tuple[np.ndarray,
                            f"(first: entry {start + int(np.argmax(counts == 0))})")
     if all(b in flat for b in ("part_px", "part_py", "part_pz", "part_energy")):
         px, py, pz, e = (flat[b] for b in ("part_px", "part_py", "part_pz", "part_energy"))
-        # E >= |p| (1 - rtol) - atol, in float32 (exact enough for rtol 1e-5; no float64 copies)
-        bound = np.maximum(np.sqrt(px * px + py * py + pz * pz) * np.float32(1 - ENERGY_RTOL) - _ENERGY_ATOL, 0)
+        # E >= |p| (1 - rtol) - atol, in float32 (exact enough for rtol 1e-5; no float64 copies). hypot
+        # does not square: components near the float32 maximum (3e38) do not overflow; an |p| beyond
+        # it is inf, which no finite E reaches, so the constituent is reported below
+        with np.errstate(over="ignore"):
+            p = np.hypot(np.hypot(px, py), pz)
+        bound = np.maximum(p * np.float32(1 - ENERGY_RTOL) - _ENERGY_ATOL, 0)
         bad = e < bound
         if bad.any():
             i = int(np.argmax(bad))

@@ -19,6 +19,8 @@ drawn up front, so with the same ``generator`` they return identical sequences.
 
 from __future__ import annotations
 
+import numbers
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +49,8 @@ class GPTConfig:
     def __post_init__(self):
         if not 0.0 <= self.dropout < 1.0:
             raise OmnijetError(f"GPT dropout must be in [0, 1), got {self.dropout}")
+        if self.n_head <= 0 or self.n_embd % self.n_head:
+            raise OmnijetError(f"GPT n_embd {self.n_embd} must be a multiple of n_head {self.n_head}")
 
     @property
     def stop_token(self) -> int:
@@ -63,7 +67,6 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        assert cfg.n_embd % cfg.n_head == 0
         self.n_head = cfg.n_head
         self.query = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.key = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
@@ -179,14 +182,29 @@ class GPT(nn.Module):
     def _check_generate(self, n_jets, batch_size, temperature, max_constituents) -> int:
         if max_constituents is None:
             max_constituents = self.config.max_len - 2  # 128 for the paper's sequences
+        for name, value in (("n_jets", n_jets), ("batch_size", batch_size), ("max_constituents", max_constituents)):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise OmnijetError(f"generate: {name} must be an integer, got {value!r}")
         if n_jets < 0 or batch_size <= 0:
             raise OmnijetError(f"generate: n_jets must be >= 0 and batch_size > 0, got {n_jets}, {batch_size}")
-        if not temperature > 0:
-            raise OmnijetError(f"generate: temperature must be > 0, got {temperature}")
+        if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool) and temperature > 0):
+            raise OmnijetError(f"generate: temperature must be a number > 0, got {temperature!r}")
         if not 1 <= max_constituents <= self.config.max_len - 2:
             raise OmnijetError(f"generate: max_constituents must be in 1..{self.config.max_len - 2}, "
                                f"got {max_constituents}")
+        need, have = self._generate_bytes(n_jets, batch_size, max_constituents), _physical_memory()
+        if have is not None and need > have:
+            raise OmnijetError(f"generate: {n_jets:,} jets of up to {max_constituents} constituents (batch_size "
+                               f"{batch_size}) need about {need / 2**30:,.1f} GiB, more than the {have / 2**30:.1f} "
+                               "GiB of this machine; generate fewer jets per call (or use a smaller batch_size)")
         return max_constituents
+
+    def _generate_bytes(self, n_jets: int, batch_size: int, steps: int) -> int:
+        """Memory a generation run needs at least: the tables of all jets (uniforms in float32;
+        tokens, their cut copy in int64 and masks) and one batch's key/value caches and sampler buffers."""
+        cfg, item = self.config, next(self.parameters()).element_size()
+        batch = min(batch_size, n_jets) * (2 * cfg.n_layer * steps * cfg.n_embd + 2 * cfg.vocab_size) * item
+        return n_jets * (4 * steps + 18 * (steps + 2)) + batch
 
     @torch.inference_mode()  # less per-op bookkeeping than no_grad: ~70 small ops per step
     def generate(self, n_jets: int, batch_size: int = 256, temperature: float = 1.0,
@@ -200,7 +218,8 @@ class GPT(nn.Module):
         never drawn; a jet reaching ``max_constituents`` (default ``max_len - 2`` = 128) gets a
         forced stop; as in the original, stop may be drawn first (an empty jet), which a trained
         model makes rare. ``generator`` (CPU) draws all random numbers up front
-        (:func:`draw_uniforms`, 512 bytes per jet)
+        (:func:`draw_uniforms`, 512 bytes per jet). The sequences of all jets are kept in memory,
+        so a count needing more memory than the machine has is refused (generate in parts).
         """
         max_constituents = self._check_generate(n_jets, batch_size, temperature, max_constituents)
         u = draw_uniforms(n_jets, max_constituents, generator)
@@ -350,6 +369,14 @@ def head_cross_entropy(h, weight, bias, target, chunk: int | None = None):
 
 
 # ---------------------------------------------------------------------- sampling helpers
+def _physical_memory() -> int | None:
+    """Bytes of memory of this machine; None where the system does not tell (Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def draw_uniforms(n_jets: int, steps: int, generator: torch.Generator | None = None):
     """The random numbers of a whole generation run: u[jet, step] ~ U[0, 1), (N, steps) float32."""
     return torch.rand(n_jets, steps, generator=generator)

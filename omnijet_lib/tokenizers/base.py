@@ -31,8 +31,14 @@ START_TOKEN = 0
 TOKENIZER_KINDS = ("conditional", "unconditional", "binned")
 
 
-def _as_torch(a) -> torch.Tensor:
-    return a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+def _as_torch(a, name: str) -> torch.Tensor:
+    """``a`` as a tensor; an array of strings or objects is one line naming ``name``."""
+    if isinstance(a, torch.Tensor):
+        return a
+    a = np.asarray(a)
+    if a.dtype.kind not in "biufc":
+        raise OmnijetError(f"{name}: expected numbers, got {a.dtype}")
+    return torch.as_tensor(a)
 
 
 class TokenizerMixin:
@@ -51,8 +57,11 @@ class TokenizerMixin:
 
         Real tokens are packed to the front in their order. numpy in -> numpy out."""
         is_np = not isinstance(tokens, torch.Tensor)
-        t = _as_torch(tokens).long()
-        m = (t >= 0) if mask is None else _as_torch(mask).bool()
+        t = _as_torch(tokens, "to_sequence: tokens")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise OmnijetError(f"to_sequence: token ids must be integers, got {t.dtype}")
+        t = t.long()
+        m = (t >= 0) if mask is None else _as_torch(mask, "to_sequence: mask").bool()
         if t.dim() != 2 or m.shape != t.shape:
             raise OmnijetError(f"to_sequence: tokens {tuple(t.shape)} and mask {tuple(m.shape)} must be (B, L)")
         bad = m & ((t < 0) | (t >= self.num_codes))
@@ -79,7 +88,7 @@ class TokenizerMixin:
         W is the longest row. Ids before the stop must be codes 1…K; anything else raises
         :class:`OmnijetError`. numpy in -> numpy out."""
         is_np = not isinstance(seq, torch.Tensor)
-        s = _as_torch(seq)
+        s = _as_torch(seq, "from_sequence: seq")
         if s.dim() != 2 or s.shape[1] < 1:
             raise OmnijetError(f"from_sequence: expected (B, S) ids, got shape {tuple(s.shape)}")
         if s.is_floating_point():
@@ -169,6 +178,8 @@ def reconstruct(tokenizer, tokens, mask=None, batch_size: int = 1024) -> np.ndar
 
     ``mask`` defaults to ``tokens >= 0``."""
     tokens = np.asarray(tokens)
+    if tokens.dtype.kind not in "iu":  # 2.7 is no token id, and a cast would pick one silently
+        raise OmnijetError(f"tokens: ids must be integers, got {tokens.dtype}")
     mask = tokens >= 0 if mask is None else np.asarray(mask, bool)
     if tokens.ndim != 2 or mask.shape != tokens.shape:
         raise OmnijetError(f"tokens {tokens.shape} and mask {mask.shape} must both be (N, L)")
@@ -203,8 +214,5 @@ def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu"):
     if kind not in TOKENIZER_KINDS:
         raise OmnijetError(f"{path}: not a tokenizer checkpoint (kind {kind!r}, expected one of {TOKENIZER_KINDS})")
     cls, cfg = (BinnedTokenizer, BinnedConfig) if kind == "binned" else (VQVAE, VQVAEConfig)
-    try:
-        model, _ = load_model(path, cls, cfg, device=str(device))
-    except TypeError as err:  # config keys from another version
-        raise OmnijetError(f"{path}: tokenizer config does not match {cfg.__name__} ({err})") from None
+    model, _ = load_model(path, cls, cfg, device=str(device))
     return model.eval()

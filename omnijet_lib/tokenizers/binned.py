@@ -44,11 +44,14 @@ class BinnedTokenizer(nn.Module, TokenizerMixin):
         self.config = cfg = config or BinnedConfig()
         if cfg.bins < 1:
             raise OmnijetError(f"bins must be positive, got {cfg.bins}")
-        lo, hi = torch.tensor(cfg.lo, dtype=torch.float32), torch.tensor(cfg.hi, dtype=torch.float32)
+        try:  # checked in numpy: the model is also built on the meta device (io.declared_model)
+            lo, hi = np.asarray(cfg.lo, np.float32), np.asarray(cfg.hi, np.float32)
+        except (TypeError, ValueError):
+            lo = hi = np.zeros(0, np.float32)
         if lo.shape != (3,) or hi.shape != (3,) or not (hi > lo).all():
             raise OmnijetError(f"binned tokenizer ranges lo={cfg.lo}, hi={cfg.hi}: need 3 values each with hi > lo")
-        self.register_buffer("lo", lo)
-        self.register_buffer("hi", hi)
+        self.register_buffer("lo", torch.tensor(lo))
+        self.register_buffer("hi", torch.tensor(hi))
 
     @property
     def bins(self) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import numbers
 import os
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ import awkward as ak
 import numpy as np
 
 from ..data.shards import MANIFEST, read_manifest, write_shard
-from ..io import OmnijetError, file_sha256, write_json
+from ..io import WAIT_HELP, OmnijetError, exclusive_lock, file_sha256, write_json
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,9 @@ def _tokenize_chunk(tok, jets, max_len: int, batch_size: int):
 
     if len(jets) == 0:  # a chunk without the selected classes (to_padded needs >= 1 jet)
         return np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int32)
-    x, mask = to_padded(constituent_features(jets), max_len=max_len)   # (N, L, 3), (N, L)
+    feats = constituent_features(jets)
+    longest = int(ak.max(ak.num(feats, axis=1)))  # padded to the longest jet: memory follows the data, not max_len
+    x, mask = to_padded(feats, max_len=max(1, min(max_len, longest)))  # (N, L, 3), (N, L)
     tokens = tokenize(tok, x, mask, batch_size=batch_size)            # (N, L), -1 at padding
     real = tokens >= 0                                                # real entries come first
     return tokens[real], real.sum(1), ak.to_numpy(jets.label)
@@ -100,25 +103,30 @@ def _tokenize_chunk(tok, jets, max_len: int, batch_size: int):
 
 def tokenize_files(tokenizer: str | os.PathLike, inputs, out_dir: str | os.PathLike, chunk: int = 100_000,
                    classes: Sequence[str | int] | None = None, max_len: int = 128, batch_size: int = 1024,
-                   device: str | None = None) -> dict:
+                   device: str | None = None, wait: bool = False) -> dict:
     """Tokenize JetClass-schema ROOT files (path, glob or list) into token shards in ``out_dir``.
 
     ``chunk`` tree entries are read, tokenized and written at a time (peak memory grows with it);
-    ``classes`` keeps only those classes. Resumes a previous run into ``out_dir``. Returns the
-    manifest (also in ``out_dir/manifest.json``).
+    ``classes`` keeps only those classes. Resumes a previous run into ``out_dir``, and adds to the
+    shards of other inputs tokenized into it before. Another process tokenizing into ``out_dir`` is
+    an error, or with ``wait`` waited for. Returns the manifest (also in ``out_dir/manifest.json``).
     """
-    from ..data.jetclass import _expand, _open_tree
+    from ..data.paths import input_files
     from ..data.schema import class_selection
-    from ..io import default_device
+    from ..io import MAX_DECLARED_SIZE, check_device, default_device
     from .base import load_tokenizer
 
-    if chunk <= 0 or max_len <= 0 or batch_size <= 0:
-        raise OmnijetError(f"--chunk, max_len and batch_size must be positive (got {chunk}, {max_len}, {batch_size})")
+    for option, value in (("--chunk", chunk), ("--max-len", max_len), ("--batch-size", batch_size)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
+            raise OmnijetError(f"{option} must be a positive integer, got {value!r}")
+    if max_len > MAX_DECLARED_SIZE:
+        raise OmnijetError(f"--max-len {max_len}: at most {MAX_DECLARED_SIZE} constituents per jet are supported")
+    device = check_device(device or default_device(), "--device")
     wanted = class_selection(classes, "--classes")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OmnijetError(f"{out_dir}: exists and is not a directory")
-    paths = _expand(inputs)
+    paths = input_files(inputs)
     stems = [p.stem for p in paths]
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:
@@ -131,6 +139,16 @@ def tokenize_files(tokenizer: str | os.PathLike, inputs, out_dir: str | os.PathL
     settings = {"format": FORMAT, "tokenizer_sha256": file_sha256(tok_path), "kind": tok.kind,
                 "num_codes": int(tok.num_codes), "chunk": int(chunk), "classes": wanted, "max_len": int(max_len)}
 
+    with exclusive_lock(out_dir, wait=wait):  # two runs into one folder would each drop the other's shards
+        return _tokenize_into(out_dir, tok, tok_path, settings, paths, batch_size)
+
+
+def _tokenize_into(out_dir: Path, tok, tok_path: Path, settings: dict, paths: list[Path], batch_size: int) -> dict:
+    """:func:`tokenize_files`' work, under ``out_dir``'s lock. Shards of earlier runs from other
+    inputs stay listed: the manifest describes the whole folder."""
+    from ..data.jetclass import _open_tree
+
+    chunk, wanted, max_len = settings["chunk"], settings["classes"], settings["max_len"]
     manifest = {**settings, "tokenizer": str(tok_path), "inputs": [], "shards": [], "complete": False}
     done: dict[str, dict] = {}
     if (out_dir / MANIFEST).is_file():
@@ -140,9 +158,22 @@ def tokenize_files(tokenizer: str | os.PathLike, inputs, out_dir: str | os.PathL
             raise OmnijetError(f"{out_dir}: holds shards made with other settings ({', '.join(diff)} differ); "
                                f"use another --out or delete it")
         _check_inputs(out_dir, old, paths)
-        done = {s["name"]: s for s in old["shards"] if _shard_intact(out_dir, s)}
+        ours = {p.stem for p in paths}
+        intact = [s for s in old["shards"] if _shard_intact(out_dir, s)]
+        kept = {s["name"] for s in intact}
+        damaged = {Path(s["file"]).stem for s in old["shards"] if s["name"] not in kept}
+        for rec in old.get("inputs", []):
+            stem = Path(rec["path"]).stem
+            if stem not in ours:  # an earlier run's input: its shards stay listed (a damaged one is redone with it)
+                complete = rec.get("complete", old.get("complete", False)) and stem not in damaged
+                manifest["inputs"].append({**rec, "complete": complete})
+        manifest["shards"] = [s for s in intact if Path(s["file"]).stem not in ours]
+        done = {s["name"]: s for s in intact if Path(s["file"]).stem in ours}
         if done:
             log.info("%s: resuming, %d shards already done", out_dir, len(done))
+        if manifest["shards"]:
+            log.info("%s: keeping the %d shards of %d other input files", out_dir, len(manifest["shards"]),
+                     len(manifest["inputs"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".*.part"):  # temp files of a killed run (never renamed into place)
         stale.unlink(missing_ok=True)
@@ -151,7 +182,8 @@ def tokenize_files(tokenizer: str | os.PathLike, inputs, out_dir: str | os.PathL
     for path in paths:
         tree = _open_tree(path)
         n_entries = int(tree.num_entries)
-        manifest["inputs"].append({"path": str(path), "entries": n_entries, **input_fingerprint(path)})
+        record = {"path": str(path), "entries": n_entries, **input_fingerprint(path), "complete": False}
+        manifest["inputs"].append(record)
         for c, start in enumerate(range(0, n_entries, chunk)):
             name = f"{path.stem}_{c:05d}.npz"
             if name in done:
@@ -179,7 +211,8 @@ def tokenize_files(tokenizer: str | os.PathLike, inputs, out_dir: str | os.PathL
             log.info("%s: %d jets, %d tokens (%.0f jets/s)", name, len(counts), len(tokens),
                      n_new / max(time.time() - t0, 1e-9))
             del jets, tokens, counts, labels
-    manifest["complete"] = True
+        record["complete"] = True
+    manifest["complete"] = all(i["complete"] for i in manifest["inputs"])
     write_json(out_dir / MANIFEST, _totals(manifest))
     return _totals(manifest)
 
@@ -203,9 +236,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=1024, help="jets per tokenizer call")
     ap.add_argument("--max-len", type=int, default=128, help="constituents kept per jet (hardest first)")
     ap.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    ap.add_argument("--wait", action="store_true", help=WAIT_HELP)
     a = ap.parse_args(argv)
     man = tokenize_files(a.tokenizer, a.inputs, a.out, chunk=a.chunk, classes=a.classes, max_len=a.max_len,
-                         batch_size=a.batch_size, device=a.device)
+                         batch_size=a.batch_size, device=a.device, wait=a.wait)
     print(f"{a.out}: {man['jets']} jets, {man['tokens']} tokens in {len(man['shards'])} shards "
           f"({man['kind']} tokenizer, K={man['num_codes']})")
     return 0

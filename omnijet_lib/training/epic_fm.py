@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..data.features import MAX_CONSTITUENTS
-from ..io import OmnijetError, load_checkpoint, save_checkpoint
+from ..io import OmnijetError, declared_model, load_checkpoint, save_checkpoint, shape_mismatch
 from ..models.epic_fm import EPiCConfig, EPiCNet, make_condition
 from .batching import PaddedDataset, make_loader
 from .fit import TrainConfig, fit
@@ -181,11 +181,18 @@ def load_epic_fm(path: str | os.PathLike, device: str = "cpu") -> EPiCFlowMatchi
         config = EPiCConfig(**meta["config"])
     except TypeError as err:
         raise OmnijetError(f"{path}: config does not fit EPiCConfig ({err})") from None
+    # the declared sizes must fit the stored weights before anything is allocated for them
+    state = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    settings = {**meta["config"], "max_len": meta.get("max_len", MAX_CONSTITUENTS)}
+    own = declared_model(path, lambda: EPiCNet(config), state, settings).state_dict()
+    wrong = [k for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if wrong:
+        raise OmnijetError(f"{path}: tensor shapes differ from the config: "
+                           f"{shape_mismatch(settings, wrong[0], state[wrong[0]].shape, own[wrong[0]].shape)}")
     module = EPiCFlowMatching(config, lr=meta.get("lr", 1e-3), weight_decay=meta.get("weight_decay", 1e-2),
                               sigma_min=meta.get("sigma_min", 1e-4), ema_decay=meta.get("ema_decay", 0.999),
                               max_len=meta.get("max_len", MAX_CONSTITUENTS),
                               data_std=meta.get("data_std", 1.0))  # checkpoints before data_std: unit width
-    state = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     try:
         module.ema.load_state_dict(state)
         module.net.load_state_dict(state)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..io import OmnijetError, atomic_path, safe_torch_load
+from ..io import OmnijetError, atomic_path, exclusive_lock, safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,24 @@ def first_epoch_factor(factor: float):
 def fit(module, train_loader, val_loader=None, out_dir: str | os.PathLike | None = None,
         config: TrainConfig | None = None, resume: bool = True):
     """Train a LightningModule; resumable from ``out_dir/last.ckpt``. Returns the module with the
-    best (lowest ``val_loss``) weights restored when a validation set is given."""
+    best (lowest ``val_loss``) weights restored when a validation set is given.
+
+    ``out_dir`` is locked for the training: a second process training into it waits, naming the
+    first, and then resumes from where it ended. Only the first process of a multi-process
+    (DDP) run takes the lock; its other ranks write nothing there."""
+    if out_dir is None or not _first_process():
+        return _fit(module, train_loader, val_loader, out_dir, config, resume)
+    with exclusive_lock(out_dir, wait=True):
+        return _fit(module, train_loader, val_loader, out_dir, config, resume)
+
+
+def _first_process() -> bool:
+    """Rank 0 of a launch by torchrun, Slurm or Lightning's DDP launcher (which sets the ranks of the
+    processes it starts), or a single process."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))
+
+
+def _fit(module, train_loader, val_loader, out_dir, config: TrainConfig | None, resume: bool):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 

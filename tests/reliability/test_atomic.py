@@ -204,4 +204,5 @@ def test_training_checkpoints_are_written_next_to_their_target(tmp_path, monkeyp
     _toy_fit(tmp_path / "run", epochs=2)
     assert {p.name for p in written} == {"last.ckpt", "best.ckpt"} and len(written) >= 4
     assert all(p.parent == tmp_path / "run" for p in written)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "best.ckpt", "last.ckpt"]
+    assert (tmp_path / "run" / ".lock").read_text() == ""  # the run folder's lock, released

@@ -28,7 +28,7 @@ from omnijet_lib.cli import main as cli
 from omnijet_lib.data import iter_jetclass, load_padded, make_jets, read_jetclass, write_jetclass
 from omnijet_lib.figures import load_profile, notebooks, resolve_parameters
 from omnijet_lib.data.shards import read_manifest, read_shard
-from omnijet_lib.io import OmnijetError
+from omnijet_lib.io import LOCK_FILE, OmnijetError
 from omnijet_lib.tokenizers import VQVAE, VQVAEConfig, load_tokenizer, save_tokenizer
 from omnijet_lib.tokenizers.streaming import tokenize_files
 
@@ -257,6 +257,9 @@ def _nothing_half_done(out):
     if not out.exists():
         return
     names = {p.name for p in out.iterdir()}
+    if LOCK_FILE in names:  # the folder's lock, released: no holder recorded
+        assert (out / LOCK_FILE).read_text() == ""
+        names.remove(LOCK_FILE)
     assert not [n for n in names if n.endswith(".part")], names
     if "manifest.json" not in names:
         assert not names, names

@@ -41,6 +41,10 @@ CASES = {
                        ["--classes names no class, so nothing would be selected"]),
     "tok_no_classes": (["tokenize", "--tokenizer", "{d}/t.safetensors", "--in", "{d}/x.root", "--out", "{d}/o",
                         "--classes"], ["--classes names no class, so nothing would be selected"]),
+    "tok_device": (["tokenize", "--tokenizer", "{d}/t.safetensors", "--in", "{d}/x.root", "--out", "{d}/o",
+                    "--device", "foo"], ["--device 'foo': not a device (cpu, cuda, cuda:1, mps)"]),
+    "tok_max_len": (["tokenize", "--tokenizer", "{d}/t.safetensors", "--in", "{d}/x.root", "--out", "{d}/o",
+                     "--max-len", "1000000000"], ["--max-len 1000000000: at most 65536 constituents per jet"]),
     "figures_only_empty": (["figures", "--only"], ["--only names no notebook"]),
     "profile_wrong_type": (["figures", "--profile", "{d}/typed.yaml", "--dry-run"],
                            ["{d}/typed.yaml: section 01_token_quality: codebook_sizes must be list[int] "
@@ -115,4 +119,4 @@ def test_bad_data_file_through_the_figures_command(tmp_path, jets_file):
                             f"{cut}: truncated or corrupt ROOT file", "at `files = dataset_files(",
                             f"executed copy: {nbdir / 'executed' / '00_dataset.ipynb'}", strict=False)
     assert len(line) < 600
-    assert not (tmp_path / "figs").exists()
+    assert not snapshot(tmp_path / "figs")  # no figure (the run's lock, released, holds nothing)

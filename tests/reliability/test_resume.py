@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from omnijet_lib.io import load_checkpoint
+from omnijet_lib.io import LOCK_FILE, load_checkpoint
 
 from .conftest import PYTHON
 
@@ -44,11 +44,12 @@ def runs(tmp_path_factory):
     victim.communicate()
     at_kill = torch.load(killed / "last.ckpt", map_location="cpu", weights_only=True)  # complete file
     files_at_kill = sorted(p.name for p in killed.iterdir())
+    lock_at_kill = (killed / LOCK_FILE).read_text()
     rerun = subprocess.run([PYTHON, str(WORKER), str(killed), "0"], capture_output=True, text=True, timeout=180)
     ref_out, ref_err = ref.communicate(timeout=180)
     assert ref.returncode == 0, ref_err[-2000:]
     return dict(killed=killed, reference=reference, victim=victim, at_kill=at_kill,
-                files_at_kill=files_at_kill, rerun=rerun)
+                files_at_kill=files_at_kill, lock_at_kill=lock_at_kill, rerun=rerun)
 
 
 def test_kill_9_leaves_a_complete_checkpoint_part_way(runs):
@@ -57,8 +58,14 @@ def test_kill_9_leaves_a_complete_checkpoint_part_way(runs):
     assert 1 <= at_kill["epoch"] + 1 < EPOCHS  # killed after a checkpoint, before the end
     assert at_kill["global_step"] == STEPS_PER_EPOCH * (at_kill["epoch"] + 1)
     assert "model.safetensors" not in runs["files_at_kill"] and "run.json" not in runs["files_at_kill"]
-    odd = [n for n in runs["files_at_kill"] if n not in ("last.ckpt", "best.ckpt") and not n.endswith(".part")]
+    odd = [n for n in runs["files_at_kill"] if n not in ("last.ckpt", "best.ckpt", LOCK_FILE) and not n.endswith(".part")]
     assert not odd, f"files that look complete but are not checkpoints: {odd}"
+    assert json.loads(runs["lock_at_kill"])["pid"] == runs["victim"].pid  # the folder's lock names its trainer
+
+
+def test_rerun_takes_over_the_lock_of_the_killed_run(runs):
+    assert (f"taking over the stale lock of process {runs['victim'].pid} on " in runs["rerun"].stderr)
+    assert (runs["killed"] / LOCK_FILE).read_text() == ""  # released by the rerun
 
 
 def test_rerun_resumes_at_the_right_step_and_finishes(runs):
