@@ -87,6 +87,18 @@ def assert_cli_error(proc, *fragments: str, strict: bool = True) -> str:
     return lines[-1]
 
 
+def write_notebook(path: Path, cells: list[str]) -> Path:
+    """A notebook of code ``cells`` whose first cell is tagged ``parameters`` (for papermill)."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in cells]
+    nb.cells[0].metadata["tags"] = ["parameters"]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(path))
+    return path
+
+
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass

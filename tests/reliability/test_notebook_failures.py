@@ -13,15 +13,7 @@ import pytest
 import omnijet_lib.figures as figures
 from omnijet_lib.io import OmnijetError
 
-from .conftest import one_line_error
-
-
-def _notebook(path, cells):
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(src) for src in cells]
-    nb.cells[0].metadata["tags"] = ["parameters"]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, str(path))
+from .conftest import one_line_error, write_notebook
 
 
 @pytest.fixture
@@ -38,7 +30,7 @@ def batch(tmp_path, monkeypatch):
 
 def test_batch_stops_at_first_failure_naming_notebook_and_cell(batch, capsys):
     nbs, params, figs = batch
-    _notebook(nbs / "00_first.ipynb", [
+    write_notebook(nbs / "00_first.ipynb", [
         'figures_dir = "."',
         "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
         "from omnijet_lib.plotting import save_figure\n"
@@ -47,7 +39,7 @@ def test_batch_stops_at_first_failure_naming_notebook_and_cell(batch, capsys):
         "raise ValueError('mass histogram is empty')",
         "print('never reached')",
     ])
-    _notebook(nbs / "01_second.ipynb", [
+    write_notebook(nbs / "01_second.ipynb", [
         'figures_dir = "."',
         "open(f'{figures_dir}/second_ran.txt', 'w').write('ran')",
     ])
@@ -67,7 +59,7 @@ def test_batch_stops_at_first_failure_naming_notebook_and_cell(batch, capsys):
 
 def test_kernel_death_is_one_line_too(batch):
     nbs, _, _ = batch
-    _notebook(nbs / "00_crash.ipynb", ['figures_dir = "."', "import os\nos._exit(3)"])
+    write_notebook(nbs / "00_crash.ipynb", ['figures_dir = "."', "import os\nos._exit(3)"])
     with one_line_error("00_crash.ipynb: execution aborted (DeadKernelError: Kernel died)",
                         f"executed copy: {nbs / 'executed' / '00_crash.ipynb'}"):
         figures.run_figures("tiny")
@@ -75,7 +67,7 @@ def test_kernel_death_is_one_line_too(batch):
 
 def test_unreadable_notebook_and_unknown_prefix(batch):
     nbs, params, _ = batch
-    _notebook(nbs / "00_ok.ipynb", ['figures_dir = "."', "pass"])
+    write_notebook(nbs / "00_ok.ipynb", ['figures_dir = "."', "pass"])
     with one_line_error("no notebook matches ['07']", unchanged=nbs):
         figures.run_figures("tiny", only=["07"])
     (nbs / "01_broken.ipynb").write_text("{ not json")

@@ -16,14 +16,13 @@ import dataclasses
 import json
 import re
 
-import nbformat
 import pytest
 import yaml
 
 import omnijet_lib.figures as figures
 from omnijet_lib.figures import load_profile, notebooks, resolve_parameters, run_figures
 
-from .conftest import one_line_error, snapshot
+from .conftest import one_line_error, write_notebook, snapshot
 
 NOT_PLAIN = "is not allowed (only strings, numbers, booleans, null, lists and mappings)"
 
@@ -242,21 +241,13 @@ def test_text_with_quotes_and_line_breaks_passes_the_injected_cell_check():
     assert ast.literal_eval(cell.source.split(" = ", 1)[1]) == {"8192": {"dropout": 0.0}}  # papermill's keys are text
 
 
-def _notebook(path, cells):
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(src) for src in cells]
-    nb.cells[0].metadata["tags"] = ["parameters"]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, str(path))
-
-
 @pytest.fixture
 def tiny(tmp_path, monkeypatch):
     """notebooks/00_tiny.ipynb (parameters ``text``, ``texts``) that writes them to values.json."""
     nbs, params = tmp_path / "notebooks", tmp_path / "params"
     nbs.mkdir()
     params.mkdir()
-    _notebook(nbs / "00_tiny.ipynb", ['text = "."\ntexts = ["."]',
+    write_notebook(nbs / "00_tiny.ipynb", ['text = "."\ntexts = ["."]',
                                       "import json\nopen('values.json', 'w').write(json.dumps([text, texts]))"])
     monkeypatch.setattr(figures, "NOTEBOOKS", nbs)
     monkeypatch.setattr(figures, "PARAMS", params)
@@ -321,7 +312,7 @@ def test_injected_cell_check_stops_values_that_bypass_the_profile_checks(dry_run
 
 def test_injected_cell_check_comes_before_parallel_runs(tiny, tmp_path, monkeypatch):
     nbs, _ = tiny
-    _notebook(nbs / "01_other.ipynb", ['text = "."', "pass"])
+    write_notebook(nbs / "01_other.ipynb", ['text = "."', "pass"])
     marker = tmp_path / "MARKER"
     value = hostile_values(marker)["bytes_closing_the_string"][0]
     monkeypatch.setattr(figures, "load_profile", lambda profile: {"_path": "hostile.yaml"})
