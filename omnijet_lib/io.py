@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -104,8 +105,8 @@ def exclusive_lock(folder: str | os.PathLike, wait: bool = False, waiting: str =
     time go into the lock file. If another process holds it, ``wait=False`` raises one line naming
     that process; ``wait=True`` prints ``waiting`` (default: a line naming the holder) and blocks
     until it is free. The kernel releases the lock of a process that dies, so a crashed run never
-    blocks the next one; its leftover record is taken over with a warning. POSIX only; elsewhere
-    the block runs unlocked."""
+    blocks the next one; its leftover record is taken over with a warning. A thread that holds the
+    lock already takes it again at no cost. POSIX only; elsewhere the block runs unlocked."""
     import socket
     import sys
     import time
@@ -118,6 +119,11 @@ def exclusive_lock(folder: str | os.PathLike, wait: bool = False, waiting: str =
     folder = Path(folder)
     path = folder / LOCK_FILE
     _check_parent(path)
+    key = os.path.realpath(path)
+    held = _HELD.__dict__.setdefault("paths", set())
+    if key in held:  # this thread holds it already (the store's lock around a training that locks too)
+        yield
+        return
     with open(path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -136,11 +142,16 @@ def exclusive_lock(folder: str | os.PathLike, wait: bool = False, waiting: str =
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
         f.flush()
+        held.add(key)
         try:
             yield
         finally:
+            held.discard(key)
             f.truncate(0)
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_HELD = threading.local()  # the locks each thread holds: taking one again is a no-op
 
 
 def _lock_holder(f, default: str = "another process") -> str:
@@ -407,8 +418,6 @@ def declared_model(source, build, stored: dict, settings: dict):
     the file's config ``settings`` must be at most :data:`MAX_DECLARED_SIZE` (or a dimension of
     a stored tensor), and the model may register at most about twice as many tensors as are
     stored: a layer count of millions would take minutes and gigabytes even on the meta device."""
-    import threading
-
     import torch
     from torch.nn.modules import module as nn_module
 

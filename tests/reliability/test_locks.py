@@ -231,3 +231,12 @@ def test_figures_into_a_folder_in_use_stop_before_any_notebook_runs(tmp_path, jo
         assert snapshot(tmp_path) == before and not list(executed.glob("*.ipynb"))
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {figs}: in use by process {pid} on "), err
+
+
+def test_a_thread_may_take_its_own_lock_again(tmp_path):
+    """The store locks a run folder around a training whose fit() locks the same folder."""
+    with exclusive_lock(tmp_path / "run"):
+        with exclusive_lock(tmp_path / "run"):
+            assert json.loads((tmp_path / "run" / LOCK_FILE).read_text())["pid"] == os.getpid()
+        assert (tmp_path / "run" / LOCK_FILE).read_text() != ""  # the inner block does not release it
+    assert (tmp_path / "run" / LOCK_FILE).read_text() == ""

@@ -1,0 +1,215 @@
+"""One store for trained models, with one rule: a model is reused only if it was trained with
+exactly the requested settings on exactly the requested data; otherwise it is trained.
+
+    store = ModelStore("data/models/quick")
+    request = ModelRequest("tokenizer_conditional_8192", settings, data_identity(source, x, mask))
+    tok, run = store.get(request, train=lambda run_dir: ..., load=lambda run_dir: ...)
+
+Each model lives in a run folder ``<root>/<name>/<settings hash>/``: the model files, its
+training checkpoints and ``run.json``, which records the complete settings (model config,
+training config, seed), the identity of the data (where it came from, and a digest of the
+arrays the model saw), the library version and the training time. The settings hash is the
+sha256 of the settings and the data identity, so a changed setting, seed or data set is another
+folder: the old model stays where it is, and a change back reuses it. An interrupted training
+resumes in its folder. With ``reuse="strict"`` nothing is trained: a request that no finished
+run matches is refused with one line naming the first setting that differs from the newest run
+of that name, its old and its new value.
+
+The folder is locked while a model is trained (:func:`~omnijet_lib.io.exclusive_lock`): a second
+process asking for the same model waits, then loads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..io import OmnijetError, array_digest, exclusive_lock, write_json
+
+__all__ = ["ModelRequest", "ModelStore", "Run", "data_identity", "settings_hash", "REUSE_MODES"]
+
+RUN_RECORD = "run.json"
+#: ``auto``: reuse a matching run, train the others; ``strict``: reuse a matching run, refuse the others
+REUSE_MODES = ("auto", "strict")
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` as JSON gives it back (tuples become lists, numpy numbers plain, paths text): the form
+    settings are recorded, hashed and compared in."""
+    from ..io import _json_default
+
+    return json.loads(json.dumps(obj, sort_keys=True, default=_json_default))
+
+
+def settings_hash(settings: dict, data: dict) -> str:
+    """The first 16 hex digits of the sha256 of the settings and the data identity."""
+    text = json.dumps({"settings": _plain(settings), "data": _plain(data)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def data_identity(source: dict, *arrays) -> dict:
+    """The identity of a model's training data: ``source`` says where it came from (simulation
+    settings, or files with size and fingerprint, and the selection), the digest is of the arrays
+    themselves, so any change of the jets a model sees counts."""
+    return {"source": _plain(source), "jets": int(len(arrays[0])) if arrays else 0,
+            "digest": array_digest(*arrays)[:16]}
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """A model by its ``name`` (e.g. ``tokenizer_conditional_8192``, ``gpt_combined``), its complete
+    ``settings`` and its ``data`` (:func:`data_identity`)."""
+
+    name: str
+    settings: dict
+    data: dict
+
+    def __post_init__(self):
+        if not self.name or os.sep in self.name or self.name.startswith("."):
+            raise OmnijetError(f"model name {self.name!r} must be a plain folder name")
+
+    @property
+    def hash(self) -> str:
+        return settings_hash(self.settings, self.data)
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run folder of the store: where a model lives and how it got there."""
+
+    path: Path
+    settings_hash: str
+    trained: bool  # trained by this call (False: reused)
+    seconds: float  # training time (of the original training, when reused)
+
+    def summary(self, relative_to: Path | None = None) -> dict:
+        """What a metrics file records of the model: its run folder and settings hash."""
+        path = self.path
+        if relative_to is not None:
+            path = Path(os.path.relpath(path, relative_to))
+        return {"run": str(path), "settings_hash": self.settings_hash, "trained_here": self.trained}
+
+
+class ModelStore:
+    """The models of ``root`` (a profile's ``models_dir``)."""
+
+    def __init__(self, root: str | os.PathLike, reuse: str = "auto", progress: Callable[[str], None] = print):
+        if reuse not in REUSE_MODES:
+            raise OmnijetError(f"reuse must be one of {', '.join(REUSE_MODES)}, got {reuse!r}")
+        self.root, self.reuse, self.progress = Path(root), reuse, progress
+
+    def run_dir(self, request: ModelRequest) -> Path:
+        return self.root / request.name / request.hash
+
+    def finished(self, request: ModelRequest) -> Run | None:
+        """The finished run of exactly this request, or None."""
+        path = self.run_dir(request)
+        rec = _record(path)
+        if not (rec and rec.get("complete")):
+            return None
+        if _plain(rec.get("settings")) != _plain(request.settings) or _plain(rec.get("data")) != _plain(request.data):
+            raise OmnijetError(f"{path / RUN_RECORD}: records other settings than its folder's hash says; "
+                               "a damaged or hand-edited record (delete the folder)")
+        return Run(path, request.hash, False, float(rec.get("seconds", 0.0)))
+
+    def runs(self, name: str) -> list[dict]:
+        """The records of the finished runs of ``name``, newest first (each with its ``path``)."""
+        out = []
+        for d in sorted((self.root / name).glob("*/")) if (self.root / name).is_dir() else []:
+            rec = _record(d)
+            if rec and rec.get("complete"):
+                out.append({**rec, "path": str(d)})
+        return sorted(out, key=lambda r: r.get("trained_at", ""), reverse=True)
+
+    def plan(self, request: ModelRequest) -> str:
+        """``reuse``, ``resume`` (an interrupted training in its folder) or ``train``: what
+        :meth:`get` would do."""
+        if self.finished(request):
+            return "reuse"
+        return "resume" if (self.run_dir(request) / RUN_RECORD).is_file() else "train"
+
+    def get(self, request: ModelRequest, train: Callable[[Path], Any], load: Callable[[Path], Any]):
+        """``(model, Run)``: ``load(run_dir)`` of the finished run of ``request``, else ``train(run_dir)``
+        (which writes the model into the run folder; resumable there) — or, with ``reuse="strict"``,
+        an error naming the first setting that differs from the newest run of that name."""
+        path = self.run_dir(request)
+        run = self.finished(request)
+        if run is None and self.reuse == "strict":
+            raise OmnijetError(self._mismatch(request))
+        if run is None:
+            with exclusive_lock(path, wait=True):  # another process may be training it: wait, then reuse
+                run = self.finished(request)
+                if run is None:
+                    return self._train(request, path, train)
+        self.progress(f"{request.name}: reusing {path}")
+        return load(path), run
+
+    def _train(self, request: ModelRequest, path: Path, train: Callable[[Path], Any]):
+        what = "resuming" if (path / RUN_RECORD).is_file() else "training"
+        self.progress(f"{request.name}: {what} in {path}")
+        record = {"name": request.name, "settings_hash": request.hash, "settings": _plain(request.settings),
+                  "data": _plain(request.data), "library_version": _library_version(), "complete": False}
+        write_json(path / RUN_RECORD, record)
+        t0 = time.perf_counter()
+        model = train(path)
+        seconds = time.perf_counter() - t0
+        write_json(path / RUN_RECORD, {**record, "complete": True, "seconds": round(seconds, 1),
+                                       "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        self.progress(f"{request.name}: trained in {seconds:.0f} s -> {path}")
+        return model, Run(path, request.hash, True, seconds)
+
+    def _mismatch(self, request: ModelRequest) -> str:
+        where = f"{self.root / request.name}: reuse: strict"
+        runs = self.runs(request.name)
+        if not runs:
+            return f"{where}, and no finished run of it exists (reuse: auto would train it)"
+        newest = runs[0]
+        old = _flat({"settings": newest["settings"], "data": newest["data"]})
+        new = _flat({"settings": _plain(request.settings), "data": _plain(request.data)})
+        key = next(k for k in sorted(set(old) | set(new), key=_order) if old.get(k, _NONE) != new.get(k, _NONE))
+        return (f"{where}, and no run was trained with these settings: {key} is {_shown(old.get(key, _NONE))} "
+                f"in {newest['path']}, {_shown(new.get(key, _NONE))} requested")
+
+
+_NONE = object()
+
+
+def _order(key: str):
+    """Settings before data, then alphabetical: the difference a user made is named first."""
+    return (not key.startswith("settings."), key)
+
+
+def _shown(value) -> str:
+    return "(absent)" if value is _NONE else json.dumps(value)[:80]
+
+
+def _flat(obj, prefix: str = "") -> dict:
+    """``{"settings.config.hidden_dim": 128, ...}`` of nested dicts (lists are values)."""
+    if isinstance(obj, dict) and obj:
+        out = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def _record(path: Path) -> dict | None:
+    try:
+        rec = json.loads((path / RUN_RECORD).read_text())
+    except (OSError, ValueError):  # missing, or caught half-written by a killed run: not finished
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _library_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("omnijet")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        return "unknown"
