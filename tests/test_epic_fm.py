@@ -272,6 +272,28 @@ def test_train_checkpoint_round_trip_and_resume(tmp_path):
     assert int(load_epic_fm(tmp_path / CHECKPOINT_NAME).ema_updates) == 2 * steps1
 
 
+def test_the_store_trains_once_and_again_only_for_a_changed_setting(tmp_path):
+    """Notebook 04's EPiC-FM: before the store, one found on disk was used whatever its settings."""
+    from omnijet_lib.training import TrainConfig
+    from omnijet_lib.training.epic_fm import ensure_epic_fm
+    from omnijet_lib.training.store import ModelStore
+
+    x, mask, labels, jet_pt, jet_eta = toy_jets(64)
+    store, tc = ModelStore(tmp_path, progress=lambda m: None), TrainConfig(progress_bar=False, accelerator="cpu")
+    kw = dict(config=TINY, epochs=1, batch_size=32, train_config=tc)
+    args = ("epic_fm_top", {"toy": 64}, x, mask, labels, jet_pt, jet_eta)
+    a, run_a = ensure_epic_fm(store, *args, **kw)
+    b, run_b = ensure_epic_fm(store, *args, **kw)
+    assert run_a.trained and not run_b.trained and run_a.path == run_b.path
+    assert all(torch.equal(p, q) for p, q in zip(a.ema.state_dict().values(), b.ema.state_dict().values()))
+    c, run_c = ensure_epic_fm(store, *args, **{**kw, "epochs": 2})  # changed setting: a new run, the old stays
+    assert run_c.trained and run_c.path != run_a.path and (run_a.path / CHECKPOINT_NAME).is_file()
+    assert int(c.ema_updates) == 2 * int(a.ema_updates)
+    x2 = x.copy()
+    x2[0, 0, 0] += 0.5  # other jets: another run
+    assert ensure_epic_fm(store, "epic_fm_top", {"toy": 64}, x2, mask, labels, jet_pt, jet_eta, **kw)[1].trained
+
+
 def test_bad_inputs(tmp_path):
     x, mask, labels, jet_pt, jet_eta = toy_jets(10)
     with pytest.raises(OmnijetError, match="labels"):

@@ -36,6 +36,7 @@ from ..io import OmnijetError, declared_model, load_checkpoint, save_checkpoint,
 from ..models.epic_fm import EPiCConfig, EPiCNet, make_condition
 from .batching import PaddedDataset, make_loader
 from .fit import TrainConfig, fit
+from .store import ModelRequest, ModelStore, data_identity
 
 try:
     import lightning.pytorch as pl
@@ -45,8 +46,8 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "EPiCFlowMatching", "flow_matching_loss", "train_epic_fm", "save_epic_fm", "load_epic_fm", "sample",
-    "CHECKPOINT_NAME",
+    "EPiCFlowMatching", "flow_matching_loss", "train_epic_fm", "ensure_epic_fm", "save_epic_fm", "load_epic_fm",
+    "sample", "CHECKPOINT_NAME",
 ]
 
 CHECKPOINT_NAME = "epic_fm.safetensors"
@@ -271,6 +272,24 @@ def train_epic_fm(x, mask, labels, jet_pt, jet_eta, out_dir: str | os.PathLike,
 
 
 # --------------------------------------------------------------------------- sampling
+def ensure_epic_fm(store: ModelStore, name: str, source: dict, x, mask, labels, jet_pt, jet_eta,
+                   config: EPiCConfig | None = None, epochs: int | None = None, batch_size: int = 256,
+                   train_config: TrainConfig | None = None, seed: int = 0, lr: float = 1e-3):
+    """``(module, Run)``: the EPiC-FM ``name`` of ``store`` trained with exactly these settings on
+    exactly these jets (``source`` says where they come from), trained there when there is none."""
+    config = config or EPiCConfig.light()
+    cfg = dataclasses.replace(train_config or TrainConfig(), seed=seed,
+                              **({"max_epochs": epochs} if epochs is not None else {}))
+    request = ModelRequest(name, {"config": dataclasses.asdict(config), "batch_size": int(batch_size), "lr": lr,
+                                  "trainer": cfg.settings},
+                           data_identity(source, x, mask, labels, jet_pt, jet_eta))
+    return store.get(request,
+                     train=lambda run: train_epic_fm(x, mask, labels, jet_pt, jet_eta, run, config=config,
+                                                     epochs=epochs, batch_size=batch_size, train_config=cfg,
+                                                     seed=seed, lr=lr),
+                     load=lambda run: load_epic_fm(run / CHECKPOINT_NAME))
+
+
 def _inference_net(module: EPiCFlowMatching) -> EPiCNet:
     """A fresh network holding the EMA weights with the weight norm folded in (no per-call
     normalisation). Built anew rather than deep-copied: parametrized modules of a copy share

@@ -78,6 +78,11 @@ class TrainConfig:
         return cls(**kw)
 
     @property
+    def settings(self) -> dict:
+        """Every setting that can change what a training gives (all but how it reports)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("progress_bar", "log_every_n_steps")}
+
+    @property
     def procedure(self) -> dict:
         """The procedure settings (recorded with each run, so a resume cannot mix procedures)."""
         return {k: getattr(self, k) for k in OFFICIAL_PROCEDURE}
