@@ -76,7 +76,7 @@ def test_generate_output_format():
     assert np.all(seq[np.arange(40), n - 1] == SMALL.stop_token)
     assert np.all(seq[~mask] == 0)
     body = np.where(np.arange(22)[None] < (n - 1)[:, None], seq, 1)[:, 1:]
-    assert np.all((body >= 1) & (body <= SMALL.n_codes))  # only codes between start and stop
+    assert np.all((body >= 1) & (body <= SMALL.vocab_size - 2))  # only codes between start and stop
     empty, empty_mask = model.generate(0)
     assert empty.shape == empty_mask.shape == (0, SMALL.max_len)
     model.train()
@@ -259,7 +259,7 @@ def test_train_save_load_resume(tmp_path):
     seq = np.zeros((n, L), np.int64)
     mask = np.arange(L)[None] <= lengths[:, None] + 1
     for i, c in enumerate(lengths):
-        first = rng.integers(1, SMALL.n_codes - c + 1)
+        first = rng.integers(1, SMALL.vocab_size - 1 - c)
         seq[i, 1:c + 1] = np.arange(first, first + c)
         seq[i, c + 1] = SMALL.stop_token
     tc = TrainConfig(progress_bar=False, accelerator="cpu", devices=1)

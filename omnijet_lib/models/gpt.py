@@ -56,10 +56,6 @@ class GPTConfig:
     def stop_token(self) -> int:
         return self.vocab_size - 1
 
-    @property
-    def n_codes(self) -> int:
-        return self.vocab_size - 2
-
 
 class CausalSelfAttention(nn.Module):
     """Causal multi-head attention with three bias-free projections (query, key, value) and a

@@ -41,9 +41,9 @@ def test_gpt_checkpoint_with_another_vocabulary(tmp_path, tok_ckpt, gpt_ckpt):
 
 def test_tokenizer_checkpoint_with_another_codebook_size(tmp_path, tok_ckpt, gpt_ckpt):
     gpt = gpt_training.load_gpt(gpt_ckpt)
-    with one_line_error(f"{tok_ckpt[1]}: num_codes is 125 in the checkpoint but {gpt.config.n_codes} is expected",
+    with one_line_error(f"{tok_ckpt[1]}: num_codes is 125 in the checkpoint but {gpt.config.vocab_size - 2} is expected",
                         unchanged=tmp_path):
-        load_model(tok_ckpt[1], tokenizers.BinnedTokenizer, tokenizers.BinnedConfig, num_codes=gpt.config.n_codes)
+        load_model(tok_ckpt[1], tokenizers.BinnedTokenizer, tokenizers.BinnedConfig, num_codes=gpt.config.vocab_size - 2)
 
 
 def test_checkpoints_of_the_wrong_kind(tmp_path, tok_ckpt, gpt_ckpt):
