@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make figures   regenerate figures/ on the embedded simulated data (PROFILE=ci|quick|paper, JOBS=2)
+#   make figures   regenerate figures/$(PROFILE)/ on the embedded simulated data (PROFILE=ci|quick|paper, JOBS=2)
 #   make test      run the test suite (pytest + nbval over the notebooks at their ci-sized defaults);
 #                  it fails if the run changed a tracked file
 # Both create/update the local virtualenv .venv first, so nothing else is needed.

@@ -443,6 +443,7 @@ def run_figures(profile: str = "ci", only: list[str] | None = None, out_dir: Pat
         plan = {nb: p for nb, p in plan.items() if any(nb.stem.startswith(o) for o in only)}
         if not plan:
             raise OmnijetError(f"no notebook matches {only}")
+    plan = {nb: gallery(plan_path, nb, params) for nb, params in plan.items()}
     prepared = {nb: _prepared(nb, params) for nb, params in plan.items()}  # before anything runs
     out_dir = Path(out_dir or NOTEBOOKS / "executed")
     with contextlib.ExitStack() as locks:
@@ -452,6 +453,19 @@ def run_figures(profile: str = "ci", only: list[str] | None = None, out_dir: Pat
         if jobs > 1 and not dry_run and len(plan) > 1:  # each child checks its notebook again
             return run_parallel(plan_path, plan, out_dir, jobs, progress_every)
         return _run_serial(plan_path, plan, prepared, out_dir, dry_run, progress_every)
+
+
+#: Where the galleries go: ``figures/<profile>/`` (the committed one is ``figures/quick/``).
+FIGURES = REPO / "figures"
+
+
+def gallery(profile_path, nb: Path, params: dict) -> dict:
+    """``params`` with ``figures_dir`` = ``figures/<profile name>/`` (relative to the notebooks, where
+    they run) unless the profile sets one: each profile has its own gallery, so ``make figures``
+    (ci) never writes over the committed quick one."""
+    if "figures_dir" in params or "figures_dir" not in declared_parameters(nb):
+        return params
+    return {**params, "figures_dir": os.path.relpath(FIGURES / Path(profile_path).stem, NOTEBOOKS)}
 
 
 def _written_folders(plan: dict[Path, dict], out_dir: Path) -> set[Path]:

@@ -1,5 +1,6 @@
 """The papermill runner validates profiles before running anything."""
 
+import os
 import pytest
 
 from omnijet_lib.figures import load_profile, notebooks, resolve_parameters
@@ -206,3 +207,18 @@ def test_parallel_run_keeps_the_notebook_order_and_stops_after_a_failure(tmp_pat
     out = capsys.readouterr().out
     assert "[02] working" in out and "error:" not in out
     assert figures.needs(Path("03_x.ipynb"), {}) == {"01", "02"}  # fine-tunes 02's backbone: waits for it
+
+
+def test_each_profile_writes_its_own_gallery(tmp_path, capsys):
+    """make figures (ci) never writes over the committed quick gallery: figures/<profile>/."""
+    from omnijet_lib.figures import FIGURES, NOTEBOOKS, main
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("common: {per_class: 300}\n05_token_explorer: {figures_dir: /somewhere/else}\n")
+    for profile, stem in (("ci", "ci"), (str(mine), "mine")):
+        main(["--profile", profile, "--dry-run", "--only", "00", "05"])
+        lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[0")]
+        default = f"figures_dir={os.path.relpath(FIGURES / stem, NOTEBOOKS)}"
+        assert default in lines[0] and default == "figures_dir=../figures/" + stem
+        assert ("figures_dir=/somewhere/else" in lines[1]) == (stem == "mine")  # a profile's own choice wins
+        assert "figures_dir=../figures/quick" not in "".join(lines)
