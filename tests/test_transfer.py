@@ -11,6 +11,7 @@ from omnijet_lib.io import OmnijetError
 from omnijet_lib.models.classifier import GPTClassifier
 from omnijet_lib.models.gpt import GPT, GPTConfig
 from omnijet_lib.io import save_model
+from omnijet_lib.training.store import ModelStore
 from omnijet_lib.studies.transfer import available_sizes, run_transfer_study, summarize, training_subset, transfer_split
 from omnijet_lib.training.transfer import STRATEGIES, make_transfer_model, paper_patience, train_transfer
 
@@ -142,8 +143,9 @@ def test_study_end_to_end_and_resume(backbone, tmp_path):
     path, _ = backbone
     seq, mask, y = toy_sequences(160)
     split = transfer_split(y, n_test=40, n_val=20, seed=0)
-    kw = dict(sizes=[20, 40], seeds=[0], backbone_path=path, tokenizer_vocab=K + 2, out_dir=tmp_path / "runs",
-              max_epochs=4, batch_size=16, lr=1e-2, progress=None)
+    kw = dict(sizes=[20, 40], seeds=[0], backbone_path=path, tokenizer_vocab=K + 2,
+              store=ModelStore(tmp_path / "runs", progress=lambda m: None), max_epochs=4, batch_size=16, lr=1e-2,
+              progress=None)
     results = run_transfer_study(seq, mask, y, split, **kw)
     assert len(results) == 2 * len(STRATEGIES)
     for r in results:
@@ -151,10 +153,12 @@ def test_study_end_to_end_and_resume(backbone, tmp_path):
         assert 1 <= r["best_epoch"] <= r["epochs"] <= 4 and r["patience"] == 20
     # the toy task is easy: the best strategy separates the classes
     assert max(r["auc"] for r in results) > 0.9
-    runs = sorted((tmp_path / "runs").iterdir())
-    assert len(runs) == 6 and all((d / "result.json").is_file() for d in runs)
+    runs = sorted((tmp_path / "runs").glob("*/*/"))                # <name>/<settings hash>/
+    assert [str(d) for d in runs] == sorted(r["run"] for r in results)
+    assert all((d / "result.json").is_file() and d.name == r["settings_hash"] for d, r in
+               zip(runs, sorted(results, key=lambda r: r["run"])))
     assert not list((tmp_path / "runs").rglob("*.ckpt"))           # checkpoints removed
-    assert json.loads((runs[0] / "result.json").read_text())["settings"]["backbone"]
+    assert json.loads((runs[0] / "run.json").read_text())["settings"]["backbone"]
     again = run_transfer_study(seq, mask, y, split, **kw)          # all cached: identical
     assert again == results
     # a cap per training size: the same runs for {20: 4, 40: 4}; another cap is another run
@@ -166,6 +170,54 @@ def test_study_end_to_end_and_resume(backbone, tmp_path):
     table = summarize(results)
     assert set(table) == set(STRATEGIES) and set(table["frozen"]) == {20, 40}
     assert table["finetune"][20]["n_seeds"] == 1 and table["finetune"][20]["accuracy_std"] == 0
+
+
+def test_study_reuses_a_run_only_with_equal_settings(backbone, tmp_path, monkeypatch):
+    """One rule (the model store's): a rerun with the same settings trains nothing; another lr or
+    max_epochs trains new runs into new folders, the old ones stay; strict refuses naming the change."""
+    from omnijet_lib.studies import transfer as study
+    from reliability.conftest import one_line_error, snapshot
+
+    trained = []
+    real = study.train_transfer
+    monkeypatch.setattr(study, "train_transfer", lambda *a, **k: trained.append(a[0]) or real(*a, **k))
+    path, _ = backbone
+    seq, mask, y = toy_sequences(100)
+    split = transfer_split(y, n_test=20, n_val=20, seed=0)
+    root = tmp_path / "models"
+    kw = dict(sizes=[20], seeds=[0, 1], backbone_path=path, tokenizer_vocab=K + 2, strategies=["frozen", "finetune"],
+              max_epochs=2, batch_size=16, lr=1e-2, progress=None)
+
+    def study_in(store, **change):
+        lines = []
+        return run_transfer_study(seq, mask, y, split, store=store, **{**kw, "progress": lines.append, **change}), lines
+
+    results, _ = study_in(ModelStore(root, progress=lambda m: None))
+    first = {r["run"] for r in results}
+    assert len(trained) == 4 and first == {str(d) for d in root.glob("transfer_n20_*_seed*/*/")}
+    before = snapshot(root)
+    again, lines = study_in(ModelStore(root, progress=lambda m: None))
+    assert again == results and len(trained) == 4 and snapshot(root) == before
+    assert len(lines) == 4 and all(line.endswith("(cached)") for line in lines)
+
+    strict = ModelStore(root, reuse="strict", progress=lambda m: None)
+    assert study_in(strict)[0] == results                          # a match is reused
+    seed0 = next(r["run"] for r in results if r["seed"] == 0 and r["strategy"] == "frozen")
+    with one_line_error(f"{root / 'transfer_n20_frozen_seed0'}: reuse: strict, and no run was trained with these "
+                        f"settings: settings.lr is 0.01 in {seed0}, 0.02 requested", unchanged=root):
+        study_in(strict, lr=2e-2)
+    assert len(trained) == 4
+
+    for change in ({"lr": 2e-2}, {"max_epochs": 1}):
+        new, lines = study_in(ModelStore(root, progress=lambda m: None), **change)
+        assert not {r["run"] for r in new} & first and not any(line.endswith("(cached)") for line in lines)
+        assert {k: v for k, v in snapshot(root).items() if k in before} == before   # old runs untouched
+    assert len(trained) == 12 and len(list(root.glob("*/*/"))) == 12
+    assert all(r["epochs"] == 1 for r in new)
+
+    alone = run_transfer_study(seq, mask, y, split, **kw)          # no store: nothing kept, same rule
+    assert [r["run"] for r in alone] == [None] * 4 and len(trained) == 16
+    assert [r["settings_hash"] for r in alone] == [r["settings_hash"] for r in results]
 
 
 def test_splits_are_balanced_disjoint_and_nested():

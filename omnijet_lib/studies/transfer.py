@@ -2,13 +2,13 @@
 training sizes x strategies x seeds over :func:`omnijet_lib.training.transfer.train_transfer`,
 summaries, and the backbone it starts from.
 
-:func:`run_transfer_study` leaves a ``result.json`` per finished run keyed by its settings, so an
-interrupted study resumes where it stopped (and an unfinished run from its ``last.ckpt``).
+:func:`run_transfer_study` keeps each run in the model store (:mod:`omnijet_lib.training.store`):
+a rerun with the same settings reuses its ``result.json``, an interrupted study resumes where it
+stopped (and an unfinished run from its ``last.ckpt``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 import time
@@ -17,18 +17,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import OmnijetError, array_digest, file_sha256, write_json
+from ..io import OmnijetError, file_sha256, write_json
 from ..models.classifier import backbone_config_of
 from ..models.gpt import GPTConfig
 from ..training.fit import TrainConfig
 from ..training.gpt import check_sequences
+from ..training.store import ModelRequest, ModelStore, data_identity
 from ..training.transfer import STRATEGIES, evaluate, paper_patience, train_transfer
 
 __all__ = ["binary_features", "transfer_split", "training_subset", "available_sizes", "run_transfer_study",
            "summarize", "ensure_backbone"]
 
-#: Enters every run's settings hash: bump it when a change to the model or the training makes
-#: cached ``result.json`` files of earlier runs invalid.
+#: Enters every run's settings: bump it when a change to the model or the training makes the
+#: ``result.json`` files of earlier runs invalid.
 STUDY_VERSION = 2
 
 
@@ -102,20 +103,23 @@ def available_sizes(y, pool, sizes) -> tuple[list[int], list[int]]:
 
 # ---------------------------------------------------------------------------- one run
 def run_transfer_study(seq, mask, y, split: dict, sizes, seeds, backbone_path, tokenizer_vocab: int | None = None,
-                       out_dir=None, strategies=STRATEGIES, max_epochs: int | dict = 100, patience: int | None = None,
-                       lr: float = 1e-4, lr_scratch: float | None = None, weight_decay: float = 1e-2,
-                       batch_size: int = 64, trainer: dict | None = None, keep_checkpoints: bool = False,
-                       progress=print) -> list[dict]:
+                       store: ModelStore | None = None, strategies=STRATEGIES, max_epochs: int | dict = 100,
+                       patience: int | None = None, lr: float = 1e-4, lr_scratch: float | None = None,
+                       weight_decay: float = 1e-2, batch_size: int = 64, trainer: dict | None = None,
+                       keep_checkpoints: bool = False, progress=print) -> list[dict]:
     """Train every (size, strategy, seed) on a balanced training set drawn from ``split["pool"]``
     (the same set for the three strategies of a seed), early-stop on ``split["val"]`` and
     evaluate on ``split["test"]``.
 
     Returns one dict per run: size, strategy, seed, test ``accuracy``, ``auc`` and
-    ``test_loss``, the best ``val_loss``, ``epochs`` trained, ``best_epoch``, ``train_seconds``. With ``out_dir`` each run works in its own
-    folder named by size/strategy/seed and a hash of everything that determines it; a finished
-    run's ``result.json`` is reused by a rerun, checkpoints are deleted unless
-    ``keep_checkpoints``. ``lr_scratch`` (default ``lr``) is the from-scratch learning rate.
-    ``max_epochs`` caps every run, or is ``{size: cap}`` (e.g. fewer epochs for larger sets on a CPU).
+    ``test_loss``, the best ``val_loss``, ``epochs`` trained, ``best_epoch``, ``train_seconds``,
+    and the ``run`` folder and ``settings_hash`` of the model. Each run is the model
+    ``transfer_n{size}_{strategy}_seed{seed}`` of ``store``: a run with the same settings on the
+    same training, validation and test jets is reused (its ``result.json``), any other is trained
+    into its own run folder, where checkpoints are deleted unless ``keep_checkpoints``. Without a
+    ``store`` nothing is kept (``run`` is None). ``lr_scratch`` (default ``lr``) is the
+    from-scratch learning rate. ``max_epochs`` caps every run, or is ``{size: cap}`` (e.g. fewer
+    epochs for larger sets on a CPU).
     """
     backbone_path = Path(backbone_path)
     bcfg = backbone_config_of(backbone_path)
@@ -138,49 +142,49 @@ def run_transfer_study(seq, mask, y, split: dict, sizes, seeds, backbone_path, t
     va, te = split["val"], split["test"]
     base = {"version": STUDY_VERSION, "backbone": file_sha256(backbone_path), "vocab": tokenizer_vocab,
             "weight_decay": weight_decay, "batch_size": batch_size,
-            "data": array_digest(seq[va], mask[va], y[va], seq[te], mask[te], y[te]),
             "trainer": {k: v for k, v in (trainer or {}).items() if k != "progress_bar"}}
     results = []
-    for size in sizes:
-        for seed in seeds:
-            tr = training_subset(y, split["pool"], size, seed)
-            for strategy in strategies:
-                rate = lr_scratch if (strategy == "from_scratch" and lr_scratch is not None) else lr
-                pat = paper_patience(size) if patience is None else patience
-                settings = {**base, "strategy": strategy, "size": size, "seed": int(seed), "lr": rate,
-                            "max_epochs": caps[size], "patience": pat, "train": array_digest(seq[tr], mask[tr], y[tr])}
-                key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-                run_dir = Path(out_dir) / f"n{size}_{strategy}_seed{seed}_{key}" if out_dir is not None else None
-                if run_dir is not None and (run_dir / "result.json").is_file():
-                    res = json.loads((run_dir / "result.json").read_text())
-                    results.append(res)
+    with tempfile.TemporaryDirectory(prefix="omnijet_transfer_") as tmp:
+        runs = store if store is not None else ModelStore(tmp, progress=lambda m: None)  # None: nothing kept
+        for size in sizes:
+            for seed in map(int, seeds):
+                tr = training_subset(y, split["pool"], size, seed)
+                data = data_identity({"train": len(tr), "val": len(va), "test": len(te)},
+                                     seq[tr], mask[tr], y[tr], seq[va], mask[va], y[va], seq[te], mask[te], y[te])
+                for strategy in strategies:
+                    rate = lr_scratch if (strategy == "from_scratch" and lr_scratch is not None) else lr
+                    pat = paper_patience(size) if patience is None else patience
+                    settings = {**base, "strategy": strategy, "size": size, "seed": seed, "lr": rate,
+                                "max_epochs": caps[size], "patience": pat}
+
+                    def train(run_dir: Path) -> dict:
+                        t0 = time.perf_counter()
+                        model = train_transfer(strategy, seq[tr], mask[tr], y[tr], (seq[va], mask[va], y[va]),
+                                               backbone_path, tokenizer_vocab, out_dir=run_dir, max_epochs=caps[size],
+                                               patience=pat, lr=rate, weight_decay=weight_decay,
+                                               batch_size=batch_size, trainer=trainer, seed=seed)
+                        train_s = time.perf_counter() - t0
+                        test = evaluate(model, seq[te], mask[te], y[te])
+                        res = {"size": size, "strategy": strategy, "seed": seed, "accuracy": test["accuracy"],
+                               "auc": test["auc"], "test_loss": test["loss"], **_run_info(run_dir),
+                               "train_seconds": round(train_s, 2), "lr": rate, "patience": pat}
+                        write_json(run_dir / "result.json", res)
+                        if not keep_checkpoints:
+                            for ckpt in run_dir.glob("*.ckpt"):
+                                ckpt.unlink()
+                        return res
+
+                    request = ModelRequest(f"transfer_n{size}_{strategy}_seed{seed}", settings, data)
+                    res, run = runs.get(request, train=train,
+                                        load=lambda run_dir: json.loads((run_dir / "result.json").read_text()))
+                    results.append({**res, "run": str(run.path) if store is not None else None,
+                                    "settings_hash": run.settings_hash})
                     if progress:
+                        how = (f"{res['epochs']} epochs, best {res['best_epoch']}, {res['train_seconds']:.0f} s"
+                               if run.trained else "cached")
                         progress(f"n={size:>7} {strategy:12s} seed {seed}: acc {res['accuracy']:.3f} "
-                                 f"auc {res['auc']:.3f} (cached)")
-                    continue
-                with tempfile.TemporaryDirectory(prefix="omnijet_transfer_") as tmp:
-                    work = run_dir or Path(tmp)
-                    t0 = time.perf_counter()
-                    model = train_transfer(strategy, seq[tr], mask[tr], y[tr], (seq[va], mask[va], y[va]),
-                                           backbone_path, tokenizer_vocab, out_dir=work, max_epochs=caps[size],
-                                           patience=pat, lr=rate, weight_decay=weight_decay,
-                                           batch_size=batch_size, trainer=trainer, seed=int(seed))
-                    train_s = time.perf_counter() - t0
-                    test = evaluate(model, seq[te], mask[te], y[te])
-                    res = {"size": size, "strategy": strategy, "seed": int(seed), "accuracy": test["accuracy"],
-                           "auc": test["auc"], "test_loss": test["loss"], **_run_info(work),
-                           "train_seconds": round(train_s, 2), "lr": rate, "patience": pat}
-                if run_dir is not None:
-                    write_json(run_dir / "result.json", {**res, "settings": settings})
-                    if not keep_checkpoints:
-                        for ckpt in run_dir.glob("*.ckpt"):
-                            ckpt.unlink()
-                results.append(res)
-                if progress:
-                    progress(f"n={size:>7} {strategy:12s} seed {seed}: acc {res['accuracy']:.3f} "
-                             f"auc {res['auc']:.3f} ({res['epochs']} epochs, best {res['best_epoch']}, "
-                             f"{train_s:.0f} s)")
-    return [{k: v for k, v in r.items() if k != "settings"} for r in results]
+                                 f"auc {res['auc']:.3f} ({how})")
+    return results
 
 
 def _run_info(run_dir: Path) -> dict:
