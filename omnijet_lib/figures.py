@@ -27,6 +27,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -202,16 +203,12 @@ PARAMETER_TYPES = {
     "finetune_files": ("str", "list[str]"),
     "checkpoint_dir": ("str",),
     "backbone_path": ("str",),
-    "tokenizer_path": ("str",),
     "gpt_per_class": ("int",),
     "pretrain_per_class": ("int",),
     "blob_tokens": ("int",),
     "patience": ("int",),
     "lr_scratch": ("float",),
     "max_epochs": ("int", "dict[int, int]"),
-    "epochs_per_size": ("dict[int, int]",),
-    "tokenizer_extra_per_class": ("dict[int, int]",),
-    "model_kw_per_size": ("dict[int, dict]",),
     "epochs_per_model": ("dict[str, int]",),
     "dropout_per_model": ("dict[str, float]",),
     "n_generate_per_model": ("dict[str, int]",),
@@ -220,9 +217,9 @@ PARAMETER_TYPES = {
 
 #: Sizes and counts that must be positive (each item or value, for lists and dicts): 0 would train or
 #: sample nothing.
-POSITIVE = {"per_class", "gpt_per_class", "pretrain_per_class", "train_per_class", "explore_per_class", "n_generate",
+POSITIVE = {"per_class", "gpt_per_class", "pretrain_per_class", "explore_per_class", "n_generate",
             "n_test", "n_val", "n_seeds", "num_codes", "codebook_sizes", "binned_bins", "train_sizes", "batch_size",
-            "generate_batch_size", "classifier_batch_size", "tokenizer_batch_size", "pretrain_batch_size", "ode_steps",
+            "generate_batch_size", "classifier_batch_size", "pretrain_batch_size", "ode_steps",
             "blob_samples", "n_generate_per_model"}
 
 
@@ -289,8 +286,11 @@ def _check_kinds(where: str, name: str, value, kinds: tuple[str, ...], note: str
     raise OmnijetError(f"{where}: {name} must be {' or '.join(kinds)}{note}, got {_kind(value)} {value!r}{hint}")
 
 
-#: Dict parameters whose values (one per key, e.g. per codebook size) each take the keys of another.
-PER_KEY_SCHEMA = {"model_kw_per_size": "model_kw"}
+@dataclass(frozen=True)
+class _PerKey:
+    """A schema node for ``{key: dict}`` (e.g. per codebook size): every value takes ``schema``."""
+
+    schema: dict
 
 
 def _check_dict(where: str, name: str, value: dict) -> None:
@@ -299,9 +299,6 @@ def _check_dict(where: str, name: str, value: dict) -> None:
     schemas = _dict_schemas()
     if name in schemas:
         _check_fields(where, name, value, schemas[name])
-    elif name in PER_KEY_SCHEMA:
-        for key, inner in value.items():
-            _check_fields(where, f"{name}.{_shown(key)}", inner, schemas[PER_KEY_SCHEMA[name]])
     elif name not in PARAMETER_TYPES:
         raise OmnijetError(f"{where}: {name}: no schema declares the keys of this dict parameter "
                            f"(omnijet_lib.figures._dict_schemas)")
@@ -315,6 +312,11 @@ def _check_fields(where: str, name: str, value: dict, schema: dict) -> None:
         if isinstance(schema[key], dict):
             _check_kinds(where, path, item, ("dict",))
             _check_fields(where, path, item, schema[key])
+        elif isinstance(schema[key], _PerKey):
+            _check_kinds(where, path, item, ("dict",))
+            for k, inner in item.items():
+                _check_kinds(where, f"{path}.{_shown(k)}", inner, ("dict",))
+                _check_fields(where, f"{path}.{_shown(k)}", inner, schema[key].schema)
         else:
             _check_kinds(where, path, item, schema[key])
 
@@ -329,12 +331,18 @@ def _dict_schemas() -> dict[str, dict]:
     from .tokenizers.vqvae import VQVAEConfig
     from .training.fit import TrainConfig
 
+    trainer = {"procedure": ("str",), **_config_kinds(TrainConfig)}  # TrainConfig.from_params(trainer)
+    model_kw = _config_kinds(VQVAEConfig, "conditional", "num_codes")  # set from the kind and K
+    size = {"epochs": ("int",), "model_kw": model_kw, "extra_per_class": ("int",)}
     return {
-        "trainer": {"procedure": ("str",), **_config_kinds(TrainConfig)},  # TrainConfig.from_params(trainer)
+        "trainer": trainer,
         "gpt_config": _config_kinds(GPTConfig, "vocab_size"),  # GPTConfig(vocab_size=tokenizer's, **gpt_config)
-        "model_kw": _config_kinds(VQVAEConfig, "conditional", "num_codes"),  # set from the kind and K
         "classifier_kw": {"deepsets": _config_kinds(DeepSetsConfig, "n_classes"),
                           "transformer": _config_kinds(TransformerClassifierConfig, "n_classes")},
+        # studies.tokens.TOKENIZER_DEFAULTS and its data keys (a test holds the two together)
+        "tokenizer": {**size, "batch_size": ("int",), "extra_seed": ("int",), "per_size": _PerKey(size),
+                      "data_files": ("str", "list[str]", "None"), "per_class": ("int",), "seed": ("int",),
+                      "trainer": trainer},
     }
 
 
@@ -829,17 +837,10 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
     runs = []
     vq_kinds = [k for k in p.get("kinds", []) if k != "binned"]
     if stem.startswith("01"):
-        train = 0.6 * n  # 60/20/20 split; the tokenizer keeps 10% of its share for validation
-        size_epochs = value_per_key("epochs_per_size", p.get("epochs_per_size"), p.get("codebook_sizes", []),
-                                    p.get("epochs", 1))
-        extra = value_per_key("tokenizer_extra_per_class", p.get("tokenizer_extra_per_class"),
-                              p.get("codebook_sizes", []), 0)
-        # architecture overrides do not enter the estimate; an unknown codebook size fails here, before anything runs
-        value_per_key("model_kw_per_size", p.get("model_kw_per_size"), p.get("codebook_sizes", []), {})
-        for kind in vq_kinds:
-            for K, epochs in size_epochs.items():
-                runs.append((f"VQ-VAE {kind} K={K}", "vqvae", 0.9 * (train + 10 * extra[K]), epochs,
-                             p.get("batch_size", 512)))
+        train = 0.6 * n  # 60/20/20 split
+        value_per_key("tokenizer.per_size", (p.get("tokenizer") or {}).get("per_size"), p.get("codebook_sizes", []),
+                      {})  # an unknown codebook size fails here, before anything runs
+        runs += [r for kind in vq_kinds for K in p.get("codebook_sizes", []) for r in _tokenizer_runs(p, n, kind, K)]
         n_inputs = 1 + len(vq_kinds) * len(p.get("codebook_sizes", [])) + \
             (len(p.get("binned_bins", [])) if "binned" in p.get("kinds", []) else 0)
         for arch in p.get("classifier_kw", {}) or {}:
@@ -851,7 +852,7 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
             pair = n
         else:
             pair = 2 * p["gpt_per_class"] if p.get("gpt_per_class") else 0.2 * n
-        runs.append(("tokenizer (if not reused)", "vqvae", n, p.get("tokenizer_epochs", 1), 512))
+        runs += _tokenizer_runs(p, n, "conditional", p.get("num_codes"))
         model_epochs = value_per_key("epochs_per_model", p.get("epochs_per_model"), ("combined", "qcd", "top"),
                                      p.get("epochs", 1))
         for label, name, share in (("GPT q/g + t->bqq'", "combined", 1.0), ("GPT q/g", "qcd", 0.5),
@@ -872,8 +873,7 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
         pool = max(n - p.get("n_test", 0), 0)
         if p.get("backbone_path") is None or p.get("pretrain_per_class"):
             pre = 2 * p["pretrain_per_class"] if p.get("pretrain_per_class") else pool
-            runs.append(("tokenizer (if not reused)", "vqvae", 0.9 * pre, p.get("tokenizer_epochs", 1),
-                         p.get("tokenizer_batch_size", 512)))
+            runs += _tokenizer_runs(p, n, "conditional", p.get("num_codes"))
             runs.append(("GPT pre-training (if not reused)", "gpt", 0.9 * pre, p.get("pretrain_epochs", 1),
                          p.get("pretrain_batch_size", 256)))
         cap = p.get("max_epochs", 1)  # one cap, or {size: cap}
@@ -881,7 +881,7 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
         runs.append(("fine-tuning, 3 strategies x seeds (jet passes up to max_epochs, before early stopping)",
                      "gpt_classifier", 3 * p.get("n_seeds", 1) * passes, 1, p.get("batch_size", 64)))
     elif stem.startswith("04"):
-        runs.append(("tokenizer (if not reused)", "vqvae", 0.9 * n, p.get("tokenizer_epochs", 1), 512))
+        runs += _tokenizer_runs(p, n, "conditional", p.get("num_codes"))
         runs.append(("GPT (if not reused)", "gpt", 0.9 * n, p.get("gpt_epochs", 1), 256))
         epic = "epic_" + str(p.get("epic_config", "light"))
         runs.append((f"EPiC-FM {p.get('epic_config')}", epic, n, p.get("epochs", 1), p.get("batch_size", 256)))
@@ -890,8 +890,25 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
         runs.append((f"EPiC-FM sampling of {gen} jets, {steps} midpoint steps", epic, gen * 2 * steps / 3, 1, None))
         runs.append((f"OmniJet-α sampling of {gen} jets", "gpt_generate", gen, 1, None))
     elif stem.startswith("05"):
-        runs.append(("tokenizer (if not reused)", "vqvae", 10 * p.get("train_per_class", 0), p.get("epochs", 1), 512))
+        runs += _tokenizer_runs(p, n, p.get("kind", "conditional"), p.get("num_codes"))
     return runs
+
+
+def _tokenizer_runs(p: dict, n: int, kind: str, num_codes) -> list[tuple[str, str, float, int, int]]:
+    """The training of the profile's ``kind`` tokenizer of size ``num_codes`` (the same model for
+    every notebook: whichever needs it first trains it), from the ``tokenizer`` dict as
+    :func:`omnijet_lib.studies.tokens.tokenizer_data` reads it; none for a binned one."""
+    from .studies.tokens import TOKENIZER_DEFAULTS
+
+    if kind == "binned" or num_codes is None:
+        return []
+    tok = {**TOKENIZER_DEFAULTS, **(p.get("tokenizer") or {})}
+    own = {str(k): v for k, v in tok["per_size"].items()}.get(str(num_codes), {})
+    per_class = tok.get("per_class", p.get("per_class", 300))
+    jets = 10 * per_class if tok.get("data_files", p.get("data_files")) is None else n
+    extra = 10 * own.get("extra_per_class", tok["extra_per_class"])
+    return [(f"VQ-VAE {kind} K={num_codes} (the profile's; trained once, by the first notebook that needs it)",
+             "vqvae", 0.9 * (0.6 * jets + extra), own.get("epochs", tok["epochs"]), tok["batch_size"])]
 
 
 def estimate_cost(stem: str, params: dict) -> dict:

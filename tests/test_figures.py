@@ -47,10 +47,10 @@ def test_values_of_per_key_parameters_are_checked_too(tmp_path):
     p.write_text("02_generation:\n  n_generate_per_model: {combined: 0}\n")
     with pytest.raises(OmnijetError, match=r"02_generation: n_generate_per_model must be positive, got \{'combined': 0\}"):
         resolve_parameters(load_profile(p), notebooks())
-    p.write_text("01_token_quality:\n  codebook_sizes: [64]\n  tokenizer_extra_per_class: {64: -3}\n")
-    with pytest.raises(OmnijetError, match="tokenizer_extra_per_class must not be negative"):
+    p.write_text("common:\n  tokenizer: {extra_per_class: -3}\n")
+    with pytest.raises(OmnijetError, match="tokenizer must not be negative"):
         resolve_parameters(load_profile(p), notebooks())
-    p.write_text("01_token_quality:\n  codebook_sizes: [64]\n  tokenizer_extra_per_class: {64: 0}\n")
+    p.write_text("common:\n  tokenizer: {extra_per_class: 0, per_size: {64: {extra_per_class: 10}}}\n")
     assert resolve_parameters(load_profile(p), notebooks())  # 0 extra jets is meaningful
 
 
@@ -95,26 +95,40 @@ def test_progress_line_names_the_running_cell(tmp_path):
     assert len(lines) >= 3 and all(line.startswith("[01] starting") for line in lines)
 
 
-def test_cost_counts_epochs_per_codebook_size():
+def _tokenizer_costs(stem, p, n=1000, what=2):
     from omnijet_lib.figures import _cost_runs
 
-    p = {"kinds": ["conditional"], "codebook_sizes": [512, 8192], "epochs": 8, "epochs_per_size": {8192: 16}}
-    epochs = {label: e for label, _, _, e, _ in _cost_runs("01_token_quality", p, 1000)}
-    assert epochs == {"VQ-VAE conditional K=512": 8, "VQ-VAE conditional K=8192": 16}
+    return {label.split(" (")[0]: run[what] for run in _cost_runs(stem, p, n) for label in [run[0]]
+            if label.startswith("VQ-VAE")}
+
+
+def test_cost_counts_epochs_per_codebook_size():
+    p = {"kinds": ["conditional"], "codebook_sizes": [512, 8192], "tokenizer": {"epochs": 8,
+                                                                               "per_size": {8192: {"epochs": 16}}}}
+    assert _tokenizer_costs("01_token_quality", p, what=3) == {"VQ-VAE conditional K=512": 8,
+                                                               "VQ-VAE conditional K=8192": 16}
 
 
 def test_cost_counts_the_extra_tokenizer_jets_of_a_codebook_size():
     from omnijet_lib.figures import _cost_runs
     from omnijet_lib.io import OmnijetError
 
-    p = {"kinds": ["conditional", "unconditional"], "codebook_sizes": [512, 8192], "tokenizer_extra_per_class": {8192: 200}}
-    jets = {label: n for label, _, n, _, _ in _cost_runs("01_token_quality", p, 1000)}
-    assert jets == {"VQ-VAE conditional K=512": pytest.approx(540), "VQ-VAE conditional K=8192": pytest.approx(2340),
-                    "VQ-VAE unconditional K=512": pytest.approx(540), "VQ-VAE unconditional K=8192": pytest.approx(2340)}
-    with pytest.raises(OmnijetError, match=r"^tokenizer_extra_per_class: 4096 not among 512, 8192$"):
-        _cost_runs("01_token_quality", {**p, "tokenizer_extra_per_class": {4096: 200}}, 1000)
-    with pytest.raises(OmnijetError, match=r"^model_kw_per_size: 4096 not among 512, 8192$"):
-        _cost_runs("01_token_quality", {**p, "model_kw_per_size": {4096: {"dropout": 0.0}}}, 1000)
+    p = {"kinds": ["conditional", "unconditional"], "codebook_sizes": [512, 8192], "per_class": 100,
+         "tokenizer": {"per_size": {8192: {"extra_per_class": 200}}}}
+    assert _tokenizer_costs("01_token_quality", p) == {
+        "VQ-VAE conditional K=512": pytest.approx(540), "VQ-VAE conditional K=8192": pytest.approx(2340),
+        "VQ-VAE unconditional K=512": pytest.approx(540), "VQ-VAE unconditional K=8192": pytest.approx(2340)}
+    with pytest.raises(OmnijetError, match=r"^tokenizer.per_size: 4096 not among 512, 8192$"):
+        _cost_runs("01_token_quality", {**p, "tokenizer": {"per_size": {4096: {"epochs": 2}}}}, 1000)
+
+
+def test_every_notebook_counts_the_same_profile_tokenizer():
+    """02-05 ask for the tokenizer 01 trains: one definition, whichever notebook needs it first."""
+    tok = {"per_class": 100, "epochs": 7, "batch_size": 64}
+    costs = [_tokenizer_costs(stem, {"per_class": 5000, "num_codes": 512, "codebook_sizes": [512],
+                                     "kinds": ["conditional"], "tokenizer": tok}, what=slice(2, 5))
+             for stem in ("01_token_quality", "02_generation", "04_epic_fm_comparison", "05_token_explorer")]
+    assert all(c == {"VQ-VAE conditional K=512": (pytest.approx(540), 7, 64)} for c in costs), costs
 
 
 def test_cost_counts_epochs_per_backbone():
@@ -141,13 +155,12 @@ def test_epochs_per_model_must_map_names_to_integers():
 
     check_parameter("quick.yaml 02_generation", "epochs_per_model", {"top": 16}, {})
     check_parameter("quick.yaml 02_generation", "dropout_per_model", {"top": 0.1}, {})
-    check_parameter("quick.yaml 01_token_quality", "tokenizer_extra_per_class", {8192: 2000}, {})
     check_parameter("quick.yaml 02_generation", "n_generate_per_model", {"combined": 4000}, {})
-    check_parameter("quick.yaml 01_token_quality", "model_kw_per_size", {8192: {"dropout": 0.0}}, {})
-    with pytest.raises(OmnijetError, match=r"model_kw_per_size must be dict\[int, dict\]"):
-        check_parameter("quick.yaml 01_token_quality", "model_kw_per_size", {8192: 0.0}, {})
-    with pytest.raises(OmnijetError, match=r"tokenizer_extra_per_class must be dict\[int, int\]"):
-        check_parameter("quick.yaml 01_token_quality", "tokenizer_extra_per_class", {8192: 0.5}, {})
+    check_parameter("quick.yaml common", "tokenizer", {"per_size": {8192: {"model_kw": {"dropout": 0.0}}}}, {})
+    with pytest.raises(OmnijetError, match=r"tokenizer.per_size.8192 must be dict"):
+        check_parameter("quick.yaml common", "tokenizer", {"per_size": {8192: 0.0}}, {})
+    with pytest.raises(OmnijetError, match=r"tokenizer.per_size.8192.extra_per_class must be int"):
+        check_parameter("quick.yaml common", "tokenizer", {"per_size": {8192: {"extra_per_class": 0.5}}}, {})
     with pytest.raises(OmnijetError, match=r"dropout_per_model must be dict\[str, float\]"):
         check_parameter("quick.yaml 02_generation", "dropout_per_model", {"top": "0.1"}, {})
     with pytest.raises(OmnijetError, match=r"quick.yaml 02_generation: epochs_per_model must be dict\[str, int\]"):
@@ -159,13 +172,13 @@ def test_per_key_overrides_match_keys_as_text_and_reject_unknown_ones():
     from omnijet_lib.io import value_per_key
 
     # papermill hands {8192: 16} to the notebook as {"8192": 16}
-    assert value_per_key("epochs_per_size", {"8192": 16}, [512, 8192], 8) == {512: 8, 8192: 16}
+    assert value_per_key("tokenizer.per_size", {"8192": 16}, [512, 8192], 8) == {512: 8, 8192: 16}
     assert value_per_key("epochs_per_model", None, ["qcd", "top"], 8) == {"qcd": 8, "top": 8}
     with pytest.raises(OmnijetError, match=r"^epochs_per_model: tops not among qcd, top, combined$"):
         value_per_key("epochs_per_model", {"tops": 16}, ["qcd", "top", "combined"], 8)
-    with pytest.raises(OmnijetError, match=r"^epochs_per_size: 4096 not among 512, 8192$"):
+    with pytest.raises(OmnijetError, match=r"^tokenizer.per_size: 4096 not among 512, 8192$"):
         _cost_runs("01_token_quality", {"kinds": ["conditional"], "codebook_sizes": [512, 8192],
-                                        "epochs_per_size": {4096: 16}}, 1000)
+                                        "tokenizer": {"per_size": {"4096": {"epochs": 16}}}}, 1000)
 
 
 def test_parallel_run_keeps_the_notebook_order_and_stops_after_a_failure(tmp_path, capsys, monkeypatch):

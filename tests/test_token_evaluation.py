@@ -148,20 +148,37 @@ def test_classifier_accuracy_learns_a_separable_task(arch, kw):
         classifier_accuracy("bdt", x, mask, labels, split, epochs=1)
 
 
-def test_load_or_train_tokenizer_saves_then_reuses(tmp_path):
-    from omnijet_lib.studies.tokens import load_or_train_tokenizer, tokenizer_dir
+def _tokenizer_data(x, mask, **settings):
+    from omnijet_lib.studies.tokens import TOKENIZER_DEFAULTS, TokenizerData
+
+    tiny = {"hidden_dim": 8, "num_blocks": 1, "num_heads": 2, "mlp_hidden": 8}
+    return TokenizerData(x, mask, np.zeros(len(x), int), [np.arange(len(x)), np.arange(0), np.arange(0)],
+                         {"data_files": None, "per_class": 2, "seed": 1},
+                         {**TOKENIZER_DEFAULTS, "epochs": 1, "model_kw": tiny, **settings}, {})
+
+
+def test_the_profile_tokenizer_is_trained_once_and_again_for_changed_settings(tmp_path):
+    """Before the store, a tokenizer found at tokenizer_{kind}_{K}/ was used whatever its settings."""
+    from omnijet_lib.studies.tokens import profile_tokenizer
+    from omnijet_lib.training.store import ModelStore
 
     rng = np.random.default_rng(0)
     x = rng.normal(0, 1, (20, 5, 3)).astype(np.float32)
     mask = np.ones((20, 5), bool)
-    msgs = []
-    tok = load_or_train_tokenizer(tmp_path, "binned", 27, x, mask, epochs=1, progress=msgs.append)
-    path = tokenizer_dir(tmp_path, "binned", 27) / "tokenizer.safetensors"
-    assert path.is_file() and "trained" in msgs[-1] and tok.num_codes == 27
-    again = load_or_train_tokenizer(tmp_path, "binned", 27, x * 0, mask, epochs=1, progress=msgs.append)
-    assert "loaded" in msgs[-1]
-    torch.testing.assert_close(again.lo, tok.lo)               # the saved one, not refitted to x * 0
-    import shutil
-    shutil.copytree(path.parent, tokenizer_dir(tmp_path, "binned", 64))
-    with pytest.raises(OmnijetError, match="27 codes, expected 64"):
-        load_or_train_tokenizer(tmp_path, "binned", 64, x, mask, epochs=1, progress=msgs.append)
+    store = ModelStore(tmp_path, progress=lambda m: None)
+    tok, run = profile_tokenizer(store, "binned", 27, _tokenizer_data(x, mask))
+    again, run2 = profile_tokenizer(store, "binned", 27, _tokenizer_data(x, mask))
+    assert run.trained and not run2.trained and tok.num_codes == 27
+    torch.testing.assert_close(again.lo, tok.lo)
+    assert profile_tokenizer(store, "binned", 27, _tokenizer_data(x * 2, mask))[1].trained  # other jets
+    vq, vq_run = profile_tokenizer(store, "conditional", 16, _tokenizer_data(x, mask))
+    assert vq_run.trained and vq.config.hidden_dim == 8
+    assert not profile_tokenizer(store, "conditional", 16, _tokenizer_data(x, mask))[1].trained
+    wider = _tokenizer_data(x, mask, per_size={16: {"model_kw": {"hidden_dim": 12}}})
+    vq12, run12 = profile_tokenizer(store, "conditional", 16, wider)  # a changed setting: a new run, the old stays
+    assert run12.trained and run12.path != vq_run.path and vq12.config.hidden_dim == 12
+    assert (vq_run.path / "tokenizer.safetensors").is_file()
+    strict = ModelStore(tmp_path, reuse="strict", progress=lambda m: None)
+    with pytest.raises(OmnijetError, match=r"reuse: strict, and no run was trained with these settings: "
+                                           r"settings.config.hidden_dim is 12 in .*, 4 requested"):
+        profile_tokenizer(strict, "conditional", 16, _tokenizer_data(x, mask, per_size={16: {"model_kw": {"hidden_dim": 4}}}))

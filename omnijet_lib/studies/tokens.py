@@ -15,6 +15,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -24,7 +27,8 @@ from ..io import OmnijetError
 from ..tokenizers.base import reconstruct
 
 __all__ = ["token_blobs", "to_physical", "blob_spread", "gaussian_fit", "resolution_table", "observables_of",
-           "codebook_usage", "classifier_accuracy", "RESOLUTION_OBSERVABLES", "tokenizer_dir", "load_or_train_tokenizer"]
+           "codebook_usage", "classifier_accuracy", "RESOLUTION_OBSERVABLES", "TOKENIZER_DEFAULTS", "TokenizerData",
+           "tokenizer_data", "profile_tokenizer"]
 
 #: observables whose resolutions figs 4, 8–11 show (keys of ``jet_observables``)
 RESOLUTION_OBSERVABLES = ("mass", "pt", "tau32", "tau21")
@@ -206,36 +210,121 @@ def classifier_accuracy(arch: str, x, mask, labels, split, epochs: int, batch_si
     return model, acc
 
 
-# --------------------------------------------------------------------------- tokenizers of the study
-def tokenizer_dir(models_dir, kind: str, num_codes: int):
-    """Where notebooks share a tokenizer: ``{models_dir}/tokenizer_{kind}_{K}``."""
-    from pathlib import Path
+# --------------------------------------------------------------------------- the profile's tokenizers
+#: The settings of a profile's tokenizers: notebook 01 trains them, notebooks 02-05 use them, and all
+#: of them ask the model store for the same model because they build its request from the same
+#: profile ``tokenizer`` dict (overrides of these). ``per_size: {K: {...}}`` overrides ``epochs``,
+#: ``model_kw`` (on top of the shared one) and ``extra_per_class`` for codebook size K. The data keys
+#: ``data_files``, ``per_class``, ``seed`` and ``trainer`` are the notebook's own unless set.
+TOKENIZER_DEFAULTS = {
+    "epochs": 2,
+    "batch_size": 512,
+    "model_kw": {"hidden_dim": 32, "num_blocks": 1, "num_heads": 4, "mlp_hidden": 32, "attn_dropout": 0.0},
+    "extra_per_class": 0,  # simulated jets per class added to the training split (embedded simulation only)
+    "extra_seed": 5,       # their simulation seed: jets no notebook measures on
+    "per_size": {},
+}
+TOKENIZER_DATA_KEYS = ("data_files", "per_class", "seed", "trainer")
+TOKENIZER_SIZE_KEYS = ("epochs", "model_kw", "extra_per_class")
+#: The tokenizers train on this share of the jets (60/20/20 split by the data seed); notebook 01
+#: measures on the other 40%.
+TOKENIZER_SPLIT = (0.6, 0.2, 0.2)
 
-    return Path(models_dir) / f"tokenizer_{kind}_{int(num_codes)}"
+
+@dataclass
+class TokenizerData:
+    """The jets of a profile's tokenizers (:func:`tokenizer_data`): padded features, labels, the
+    60/20/20 split and where they come from."""
+
+    x: np.ndarray         # (N, L, 3)
+    mask: np.ndarray      # (N, L)
+    labels: np.ndarray    # (N,)
+    split: list           # train, val, test indices
+    source: dict          # data_files / per_class / seed
+    settings: dict        # the resolved profile tokenizer dict
+    trainer: dict         # TrainConfig overrides for the tokenizer trainings
+    _extra: dict = dataclasses.field(default_factory=dict)
+
+    def size_settings(self, num_codes: int) -> dict:
+        """``epochs``, ``model_kw`` and ``extra_per_class`` for codebook size ``num_codes``."""
+        own = {str(k): v for k, v in self.settings["per_size"].items()}.get(str(num_codes), {})
+        return {"epochs": own.get("epochs", self.settings["epochs"]),
+                "model_kw": {**self.settings["model_kw"], **own.get("model_kw", {})},
+                "extra_per_class": own.get("extra_per_class", self.settings["extra_per_class"])}
+
+    def training_jets(self, kind: str, num_codes: int) -> tuple[np.ndarray, np.ndarray, dict]:
+        """``(x, mask, source)`` a tokenizer trains on: the training split, plus for a VQ-VAE the
+        extra simulated jets of its codebook size."""
+        from ..data.features import constituent_features, to_padded
+        from ..datasets import load_dataset
+
+        tr = self.split[0]
+        n = 0 if kind == "binned" else self.size_settings(num_codes)["extra_per_class"]
+        source = {**self.source, "split": list(TOKENIZER_SPLIT), "part": "train"}
+        if not n:
+            return self.x[tr], self.mask[tr], source
+        if self.source["data_files"] is not None:
+            raise OmnijetError("tokenizer.extra_per_class: extra jets are simulated; set it to 0 with data_files")
+        if n not in self._extra:
+            self._extra[n] = to_padded(constituent_features(load_dataset(None, per_class=n,
+                                                                         seed=self.settings["extra_seed"])))
+        ex, em = self._extra[n]
+        return (np.concatenate([self.x[tr], ex]), np.concatenate([self.mask[tr], em]),
+                {**source, "extra": {"per_class": n, "seed": self.settings["extra_seed"]}})
 
 
-def load_or_train_tokenizer(models_dir, kind: str, num_codes: int, x, mask, epochs: int, batch_size: int = 512,
-                            train_config=None, seed: int = 0, model_kw: dict | None = None, progress=print):
-    """The tokenizer at ``{models_dir}/tokenizer_{kind}_{K}/tokenizer.safetensors`` if it exists
-    (whatever its architecture), else trained on ``x``, ``mask`` and saved there (resumable).
+def tokenizer_data(tokenizer: dict | None, data_files=None, per_class: int = 300, seed: int = 1,
+                   trainer: dict | None = None) -> TokenizerData:
+    """The jets of the profile's tokenizers, from a notebook's parameters: its ``tokenizer`` dict
+    (:data:`TOKENIZER_DEFAULTS`) and, where that does not set them, its own data settings."""
+    from ..data.features import constituent_features, to_padded
+    from ..datasets import load_dataset
+    from ..training.classifier import split_indices
 
-    ``model_kw`` go to the VQ-VAE config (ignored for "binned", whose K must be a cube)."""
-    import time
+    tokenizer = dict(tokenizer or {})
+    unknown = sorted(set(tokenizer) - set(TOKENIZER_DEFAULTS) - set(TOKENIZER_DATA_KEYS))
+    if unknown:
+        raise OmnijetError(f"tokenizer: unknown key {unknown[0]}; known: "
+                           f"{', '.join([*TOKENIZER_DEFAULTS, *TOKENIZER_DATA_KEYS])}")
+    files, n, seed = tokenizer.get("data_files", data_files), tokenizer.get("per_class", per_class), tokenizer.get("seed", seed)
+    source = {"data_files": files, "seed": seed, **({"per_class": n} if files is None else {})}  # seed: the split too
+    jets = load_dataset(files, per_class=n, seed=seed)
+    x, mask = to_padded(constituent_features(jets))
+    settings = {k: tokenizer.get(k, v) for k, v in TOKENIZER_DEFAULTS.items()}
+    return TokenizerData(x, mask, np.asarray(jets.label), split_indices(len(x), TOKENIZER_SPLIT, seed=seed),
+                         source, settings, dict(tokenizer.get("trainer", trainer) or {}))
 
-    from ..training.vqvae import train_tokenizer
+
+def profile_tokenizer(store, kind: str, num_codes: int, data: TokenizerData, progress=print):
+    """``(tokenizer, Run)``: the profile's ``kind`` tokenizer of codebook size ``num_codes`` from the
+    model store, trained there on ``data`` when the store has none with exactly these settings.
+    Binned tokenizers (``num_codes`` = bins³) fit their ranges instead of training."""
+    import dataclasses as dc
+
     from ..tokenizers.base import load_tokenizer
+    from ..training.fit import TrainConfig
+    from ..training.store import ModelRequest, data_identity
+    from ..training.vqvae import make_tokenizer, train_tokenizer
 
-    out = tokenizer_dir(models_dir, kind, num_codes)
-    path = out / "tokenizer.safetensors"
-    if path.is_file():
-        tok = load_tokenizer(path)
-        if tok.num_codes != num_codes:
-            raise OmnijetError(f"{path}: holds {tok.num_codes} codes, expected {num_codes}")
-        progress(f"{kind} K={num_codes}: loaded {path}")
-        return tok.cpu().eval()
-    t0 = time.perf_counter()
-    kw = {} if kind == "binned" else dict(model_kw or {})
-    tok = train_tokenizer(kind, x, mask, num_codes, epochs=epochs, batch_size=batch_size, out_dir=out,
-                          train_config=train_config, seed=seed, **kw)
-    progress(f"{kind} K={num_codes}: trained on {len(x)} jets in {time.perf_counter() - t0:.0f} s -> {path}")
-    return tok.cpu().eval()
+    x, mask, source = data.training_jets(kind, num_codes)
+    train_config = TrainConfig.from_params(data.trainer, progress_bar=False)
+    seed = int(data.source["seed"])
+    if kind == "binned":
+        bins = round(num_codes ** (1 / 3))
+        settings, model_kw, epochs = {"kind": kind, "bins": bins}, {}, 0
+    else:
+        size = data.size_settings(num_codes)
+        model_kw, epochs = {"quantize_padding": train_config.quantize_padding, **size["model_kw"]}, size["epochs"]
+        settings = {"kind": kind, "config": dc.asdict(make_tokenizer(kind, num_codes, **model_kw).config),
+                    "epochs": int(epochs), "batch_size": int(data.settings["batch_size"]), "seed": seed,
+                    "val_fraction": 0.1, "trainer": train_config.settings}
+    request = ModelRequest(f"tokenizer_{kind}_{int(num_codes)}", settings, data_identity(source, x, mask))
+    tok, run = store.get(
+        request,
+        train=lambda run_dir: train_tokenizer(kind, x, mask, num_codes, epochs=epochs,
+                                              batch_size=data.settings["batch_size"], out_dir=run_dir,
+                                              train_config=train_config, seed=seed, **model_kw),
+        load=lambda run_dir: load_tokenizer(run_dir / "tokenizer.safetensors"))
+    if tok.num_codes != num_codes:
+        raise OmnijetError(f"{run.path}: holds {tok.num_codes} codes, the profile asks for {num_codes}")
+    return tok.cpu().eval(), run

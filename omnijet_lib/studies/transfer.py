@@ -218,55 +218,38 @@ def summarize(results: list[dict], metrics=("accuracy", "auc")) -> dict:
 
 
 # ---------------------------------------------------------------------------- backbone
-def ensure_backbone(backbone_path, models_dir, pretrain_data, kind: str = "conditional", num_codes: int = 256,
-                    tokenizer_path=None, tokenizer_epochs: int = 10, tokenizer_batch_size: int = 512,
-                    tokenizer_kw: dict | None = None, gpt_config: dict | None = None, gpt_epochs: int = 10,
+def ensure_backbone(backbone_path, tok, pretrain_data, gpt_config: dict | None = None, gpt_epochs: int = 10,
                     gpt_batch_size: int = 256, trainer: dict | None = None, seed: int = 1, own: bool = False,
-                    progress=print):
-    """The tokenizer and the pre-trained backbone for transfer learning: ``(tokenizer, path)``.
+                    progress=print) -> Path:
+    """The pre-trained backbone for transfer learning with the tokenizer ``tok``: its path.
 
-    An existing ``backbone_path`` (e.g. notebook 02's ``gpt_combined``) is used as it is, with
-    the tokenizer it was trained with: ``tokenizer_path`` or
-    ``{models_dir}/tokenizer_{kind}_{K}/tokenizer.safetensors``, K from the backbone's vocabulary.
-    Otherwise it is pre-trained here (next-token prediction, :func:`~omnijet_lib.studies.generation.ensure_gpt`
-    with ``GPTConfig(vocab_size=K + 2, **gpt_config)``) on ``pretrain_data`` (``(x, mask)`` padded
-    features, or a callable returning them), tokenized with ``tokenizer_path`` or the shared
-    ``tokenizer_{kind}_{num_codes}`` (trained too if missing, with ``tokenizer_kw`` for its
-    config; :func:`~omnijet_lib.studies.tokens.load_or_train_tokenizer`). Trainings resume
-    when interrupted. With ``own`` the backbone belongs to this study: an existing one is kept
-    only if it was pre-trained with these settings and data (:func:`ensure_gpt`'s record), and
-    is pre-trained again otherwise — never set it for another notebook's model.
+    An existing ``backbone_path`` (e.g. notebook 02's ``gpt_combined``) is used as it is; its
+    vocabulary must be ``tok.vocab_size``. Otherwise it is pre-trained here (next-token prediction,
+    :func:`~omnijet_lib.studies.generation.ensure_gpt` with ``GPTConfig(vocab_size=tok.vocab_size,
+    **gpt_config)``) on ``pretrain_data`` (``(x, mask)`` padded features, or a callable returning
+    them) tokenized with ``tok``; the training resumes when interrupted. With ``own`` the backbone
+    belongs to this study: an existing one is kept only if it was pre-trained with these settings
+    and data (:func:`ensure_gpt`'s record), and is pre-trained again otherwise — never set it for
+    another notebook's model.
     """
     from .generation import ensure_gpt
-    from ..tokenizers import load_tokenizer, tokenize
-    from .tokens import load_or_train_tokenizer
+    from ..tokenizers import tokenize
 
-    backbone_path, models_dir = Path(backbone_path), Path(models_dir)
-    cfg = TrainConfig.from_params({"progress_bar": False, **(trainer or {})})
+    backbone_path = Path(backbone_path)
     if backbone_path.is_file() and not own:
         vocab = backbone_config_of(backbone_path).vocab_size
-        tok_path = Path(tokenizer_path) if tokenizer_path else \
-            models_dir / f"tokenizer_{kind}_{vocab - 2}" / "tokenizer.safetensors"
-        if not tok_path.is_file():
-            raise OmnijetError(f"{backbone_path}: this backbone (vocabulary {vocab}) needs the tokenizer it was "
-                               f"trained with; not found at {tok_path} (set tokenizer_path)")
-        tok = load_tokenizer(tok_path)
-        if tok.vocab_size != vocab:
-            raise OmnijetError(f"{tok_path}: tokenizer vocabulary {tok.vocab_size} does not match the backbone "
-                               f"{backbone_path} ({vocab})")
-        progress(f"backbone {backbone_path} (vocabulary {vocab}), tokenizer {tok_path}")
-        return tok, backbone_path
+        if vocab != tok.vocab_size:
+            raise OmnijetError(f"{backbone_path}: backbone vocabulary {vocab} does not fit the tokenizer's "
+                               f"{tok.vocab_size} ({tok.num_codes} codes + start/stop); pre-train it with this "
+                               "tokenizer (notebook 02) or set backbone_path")
+        progress(f"backbone {backbone_path} (vocabulary {vocab})")
+        return backbone_path
 
     x, mask = pretrain_data() if callable(pretrain_data) else pretrain_data
-    if tokenizer_path:
-        tok = load_tokenizer(tokenizer_path)
-    else:
-        tok = load_or_train_tokenizer(models_dir, kind, num_codes, x, mask, epochs=tokenizer_epochs,
-                                      batch_size=tokenizer_batch_size, train_config=cfg, seed=seed,
-                                      model_kw=tokenizer_kw, progress=progress)
     seq, seq_mask = tok.to_sequence(tokenize(tok, x, mask), mask)
     if not backbone_path.is_file():
         progress(f"no backbone at {backbone_path}: pre-training a GPT (vocabulary {tok.vocab_size}) on {len(x)} jets")
+    cfg = TrainConfig.from_params({"progress_bar": False, **(trainer or {})})
     ensure_gpt(backbone_path, seq, seq_mask, GPTConfig(vocab_size=tok.vocab_size, **(gpt_config or {})),
                epochs=gpt_epochs, batch_size=gpt_batch_size, train_config=cfg, seed=seed, progress=progress)
-    return tok, backbone_path
+    return backbone_path

@@ -126,8 +126,8 @@ CATALOGUE = {
     "duplicate_parameter": ("common:\n  seed: 1\n  seed: 2\n", "line 3: common: duplicate key seed"),
     "duplicate_nested": ("02_generation:\n  trainer: {precision: 32, precision: 16}\n",
                          "line 2: 02_generation.trainer: duplicate key precision"),
-    "duplicate_as_text": ("01_token_quality:\n  epochs_per_size: {64: 1, '64': 2}\n",
-                          "01_token_quality.epochs_per_size: duplicate key 64"),
+    "duplicate_as_text": ("common:\n  tokenizer: {per_size: {64: {epochs: 1}, '64': {epochs: 2}}}\n",
+                          "common.tokenizer.per_size: duplicate key 64"),
     "alias_bomb": (_bomb(), "more than 10000 values (aliases count each time they are used)"),
     "alias_loop": ("common:\n  kinds: &a [*a]\n", "nested too deeply for a parameter profile"),
     "deep_nesting": ("common:\n  kinds: " + "[" * 3000 + "]" * 3000 + "\n",
@@ -156,15 +156,18 @@ CATALOGUE = {
                            "section 05_token_explorer: trainer.precision must be str or int or list[int], got dict"),
     "trainer_float_for_bool": ("05_token_explorer:\n  trainer: {loss_over_padding: 0.5}\n",
                                "trainer.loss_over_padding must be bool, got float 0.5"),
-    "model_kw_unknown_key": ("01_token_quality:\n  model_kw: {hidden: 32}\n",
-                             "section 01_token_quality: model_kw.hidden: unknown key; known: input_dim, hidden_dim,"),
-    "model_kw_bool_for_int": ("01_token_quality:\n  model_kw: {num_blocks: true}\n",
-                              "model_kw.num_blocks must be int, got bool True"),
-    "model_kw_per_size_unknown_key": ("01_token_quality:\n  model_kw_per_size: {64: {drop: 0.0}}\n",
-                                      "section 01_token_quality: model_kw_per_size.64.drop: unknown key; "
-                                      "known: input_dim,"),
-    "model_kw_per_size_wrong_type": ("01_token_quality:\n  model_kw_per_size: {64: {dropout: [0.1]}}\n",
-                                     "model_kw_per_size.64.dropout must be float, got list[float] [0.1]"),
+    "tokenizer_unknown_key": ("common:\n  tokenizer: {epoch: 3}\n",
+                              "section common: tokenizer.epoch: unknown key; known: epochs, model_kw,"),
+    "model_kw_unknown_key": ("common:\n  tokenizer: {model_kw: {hidden: 32}}\n",
+                             "section common: tokenizer.model_kw.hidden: unknown key; known: input_dim, hidden_dim,"),
+    "model_kw_bool_for_int": ("01_token_quality:\n  tokenizer: {model_kw: {num_blocks: true}}\n",
+                              "tokenizer.model_kw.num_blocks must be int, got bool True"),
+    "per_size_unknown_key": ("common:\n  tokenizer: {per_size: {64: {model_kw: {drop: 0.0}}}}\n",
+                             "section common: tokenizer.per_size.64.model_kw.drop: unknown key; known: input_dim,"),
+    "per_size_wrong_type": ("common:\n  tokenizer: {per_size: {64: {model_kw: {dropout: [0.1]}}}}\n",
+                            "tokenizer.per_size.64.model_kw.dropout must be float, got list[float] [0.1]"),
+    "tokenizer_trainer_unknown_key": ("common:\n  tokenizer: {trainer: {max_epoch: 3}}\n",
+                                      "section common: tokenizer.trainer.max_epoch: unknown key; known: procedure,"),
     "classifier_kw_unknown_arch": ("01_token_quality:\n  classifier_kw: {mlp: {}}\n",
                                    "classifier_kw.mlp: unknown key; known: deepsets, transformer"),
     "classifier_kw_unknown_key": ("01_token_quality:\n  classifier_kw: {transformer: {depth: 2}}\n",
@@ -192,7 +195,7 @@ def test_every_dict_parameter_has_a_schema():
         for name, default in figures._defaults(nb).items():
             if not isinstance(default, dict):
                 continue
-            if name in schemas or name in figures.PER_KEY_SCHEMA:
+            if name in schemas:
                 continue
             kinds = figures.PARAMETER_TYPES.get(name, ())  # then every dict and list in them says what it holds
             assert kinds and not any(re.search(r"\b(dict|list)\b(?!\[)", k) for k in kinds), (nb, name)
@@ -210,7 +213,11 @@ def test_schemas_are_the_config_classes_fields():
 
     schemas = figures._dict_schemas()
     assert set(schemas["gpt_config"]) == names(GPTConfig) - {"vocab_size"}
-    assert set(schemas["model_kw"]) == names(VQVAEConfig) - {"conditional", "num_codes"}
+    assert set(schemas["tokenizer"]["model_kw"]) == names(VQVAEConfig) - {"conditional", "num_codes"}
+    from omnijet_lib.studies.tokens import TOKENIZER_DATA_KEYS, TOKENIZER_DEFAULTS, TOKENIZER_SIZE_KEYS
+
+    assert set(schemas["tokenizer"]) == set(TOKENIZER_DEFAULTS) | set(TOKENIZER_DATA_KEYS)
+    assert set(schemas["tokenizer"]["per_size"].schema) == set(TOKENIZER_SIZE_KEYS)
     assert set(schemas["trainer"]) == names(TrainConfig) | {"procedure"}
     assert schemas["trainer"]["patience"] == ("int", "None")
     assert schemas["trainer"]["limit_train_batches"] == ("int", "float")
@@ -235,10 +242,10 @@ def test_text_with_quotes_and_line_breaks_passes_the_injected_cell_check():
     cell = next(c for c in node.cells if "injected-parameters" in c.metadata.get("tags", []))
     given = {s.targets[0].id: ast.literal_eval(s.value) for s in ast.parse(cell.source).body}
     assert given == params
-    per_size = {"model_kw_per_size": {8192: {"dropout": 0.0}}}
+    per_size = {"tokenizer": {"per_size": {8192: {"epochs": 2}}}}
     node = figures._prepared(figures.NOTEBOOKS / "01_token_quality.ipynb", per_size)
     cell = next(c for c in node.cells if "injected-parameters" in c.metadata.get("tags", []))
-    assert ast.literal_eval(cell.source.split(" = ", 1)[1]) == {"8192": {"dropout": 0.0}}  # papermill's keys are text
+    assert ast.literal_eval(cell.source.split(" = ", 1)[1]) == {"per_size": {"8192": {"epochs": 2}}}  # keys as text
 
 
 @pytest.fixture
