@@ -340,7 +340,8 @@ def test_paper_profile_dry_run_prints_sizes_steps_and_gpu_hours(capsys):
     # the paper's JetClass files, sized by their official names before they are downloaded
     assert "train_100M/*_00[0-5].root (official JetClass names: 60 files, 6000000 jets once downloaded)" in out
     # the official step counts: 100 epochs of 5850 tokenizer steps, 7800 GPT steps per epoch
-    assert "VQ-VAE conditional K=8192: 3240000 jets x 100 epochs, batch 512: 585000 steps" in out
+    assert ("VQ-VAE conditional K=8192 (the profile's; trained once, by the first notebook that needs it): "
+            "3240000 jets x 100 epochs, batch 512: 585000 steps") in out
     assert "GPT q/g + t->bqq': 3600000 jets x 30 epochs, batch 256: 234000 steps" in out
     assert "embedded simulation" not in out.split("[01_token_quality]")[1].split("[05_token_explorer]")[0]
     assert out.rstrip().splitlines()[-1].startswith("total: ~") and "GPU-h" in out
@@ -352,7 +353,7 @@ def test_cost_estimate_counts_files_and_steps(tmp_path):
     write_jetclass(tmp_path / "TTBar_000.root", _jets(40, 3, 8))
     write_jetclass(tmp_path / "ZJetsToNuNu_000.root", _jets(60, 4, 0))
     p = {"data_files": str(tmp_path / "*.root"), "kinds": ["conditional", "binned"], "codebook_sizes": [512],
-         "binned_bins": [21], "epochs": 2, "batch_size": 10, "classifier_kw": {"deepsets": {}},
+         "binned_bins": [21], "tokenizer": {"epochs": 2, "batch_size": 10}, "classifier_kw": {"deepsets": {}},
          "classifier_epochs": 1, "classifier_batch_size": 20, "trainer": {"devices": 4, "num_nodes": 2}}
     c = estimate_cost("01_token_quality", p)
     # VQ-VAE on 0.9 x 60% of 100 jets: ceil(54 / 10) x 2 = 12 steps; DeepSets on 3 inputs x 60 jets: 9 steps
