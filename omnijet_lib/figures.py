@@ -477,11 +477,10 @@ def gallery(profile_path, nb: Path, params: dict) -> dict:
 
 
 def _written_folders(plan: dict[Path, dict], out_dir: Path) -> set[Path]:
-    """The folders a run writes into: each notebook's ``figures_dir`` (relative to the notebooks)
-    and the executed copies' ``out_dir``."""
-    figures = {_defaults(nb).get("figures_dir") if "figures_dir" not in p else p["figures_dir"]
-               for nb, p in plan.items()}
-    return {(NOTEBOOKS / f).resolve() for f in figures if isinstance(f, str)} | {out_dir.resolve()}
+    """The folders a run writes into: each notebook's ``figures_dir`` (relative to the notebooks;
+    :func:`gallery` has set it in every plan that declares it) and the executed copies' ``out_dir``."""
+    figures = {p["figures_dir"] for p in plan.values() if isinstance(p.get("figures_dir"), str)}
+    return {(NOTEBOOKS / f).resolve() for f in figures} | {out_dir.resolve()}
 
 
 def _run_serial(plan_path, plan: dict[Path, dict], prepared: dict, out_dir: Path, dry_run: bool,
