@@ -57,6 +57,7 @@ def _bench(argv) -> int:
 
 def _checkpoints(argv) -> int:
     from .official import PUBLISHED_URL, convert_published, fetch_published
+    from .training.store import ModelStore
 
     ap = argparse.ArgumentParser(prog="omnijet checkpoints", description="The published OmniJet-α weights "
                                  "(uhh-pd-ml/omnijet_alpha, checkpoints/download_checkpoints.sh).")
@@ -65,20 +66,24 @@ def _checkpoints(argv) -> int:
                        "file recorded and checked on reuse)")
     f.add_argument("--dest", required=True, help="directory to unpack into, e.g. data/checkpoints/published")
     f.add_argument("--url", default=PUBLISHED_URL, help="archive URL (default: the authors' DESY Sync&Share folder)")
-    c = sub.add_parser("convert", help="write the published tokenizer and backbone as our safetensors "
-                       "checkpoints (tokenizer_conditional_K/, gpt_combined/)")
+    f.add_argument("--wait", action="store_true", help=WAIT_HELP)
+    c = sub.add_parser("convert", help="convert the published tokenizer and backbone once into two runs of "
+                       "the model store, DEST/published_tokenizer/HASH/ and DEST/published_gpt_combined/HASH/ "
+                       "(our safetensors checkpoints; a second conversion of the same files reuses them, "
+                       "another process converting them is waited for)")
     c.add_argument("src", help="a directory holding the published files (fetch's --dest)")
-    c.add_argument("dest", help="models directory, e.g. data/models/published")
-    for p in (f, c):
-        p.add_argument("--wait", action="store_true", help=WAIT_HELP)
+    c.add_argument("dest", help="the model store: a profile's models_dir, e.g. data/models/published")
     a = ap.parse_args(argv)
     if a.action == "fetch":
         for what, path in fetch_published(a.dest, url=a.url, wait=a.wait).items():
             print(f"{what}: {path}")
     else:
-        for what, path in convert_published(a.src, a.dest, progress=lambda msg: print(msg, file=sys.stderr),
-                                            wait=a.wait).items():
-            print(f"{what}: {path}")
+        def say(msg):  # progress to stderr; stdout holds the two files
+            print(msg, file=sys.stderr)
+
+        published = convert_published(a.src, ModelStore(a.dest, progress=say), progress=say)
+        print(f"tokenizer: {published.tokenizer_file}")
+        print(f"backbone: {published.backbone_file}")
     return 0
 
 

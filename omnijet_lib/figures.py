@@ -202,25 +202,28 @@ PARAMETER_TYPES = {
     "data_files": ("str", "list[str]"),
     "finetune_files": ("str", "list[str]"),
     "checkpoint_dir": ("str",),
-    "backbone_path": ("str",),
-    "gpt_per_class": ("int",),
-    "pretrain_per_class": ("int",),
     "blob_tokens": ("int",),
     "patience": ("int",),
     "lr_scratch": ("float",),
     "max_epochs": ("int", "dict[int, int]"),
-    "epochs_per_model": ("dict[str, int]",),
-    "dropout_per_model": ("dict[str, float]",),
     "n_generate_per_model": ("dict[str, int]",),
 }
 
 
 #: Sizes and counts that must be positive (each item or value, for lists and dicts): 0 would train or
 #: sample nothing.
-POSITIVE = {"per_class", "gpt_per_class", "pretrain_per_class", "explore_per_class", "n_generate",
+POSITIVE = {"per_class", "explore_per_class", "n_generate",
             "n_test", "n_val", "n_seeds", "num_codes", "codebook_sizes", "binned_bins", "train_sizes", "batch_size",
-            "generate_batch_size", "classifier_batch_size", "pretrain_batch_size", "ode_steps",
+            "generate_batch_size", "classifier_batch_size", "ode_steps",
             "blob_samples", "n_generate_per_model"}
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """Parameters that take one of a few words (every item, for a list)."""
+    from .training.store import REUSE_MODES
+
+    return {"reuse": REUSE_MODES, "epic_config": ("light", "jetclass"),
+            "kind": ("conditional", "unconditional", "binned"), "kinds": ("conditional", "unconditional", "binned")}
 
 
 def _kind(value) -> str:
@@ -334,15 +337,17 @@ def _dict_schemas() -> dict[str, dict]:
     trainer = {"procedure": ("str",), **_config_kinds(TrainConfig)}  # TrainConfig.from_params(trainer)
     model_kw = _config_kinds(VQVAEConfig, "conditional", "num_codes")  # set from the kind and K
     size = {"epochs": ("int",), "model_kw": model_kw, "extra_per_class": ("int",)}
+    gpt_config = _config_kinds(GPTConfig, "vocab_size")  # GPTConfig(vocab_size=tokenizer's, **gpt_config)
+    data = {"data_files": ("str", "list[str]", "None"), "per_class": ("int",), "seed": ("int",), "trainer": trainer}
     return {
         "trainer": trainer,
-        "gpt_config": _config_kinds(GPTConfig, "vocab_size"),  # GPTConfig(vocab_size=tokenizer's, **gpt_config)
         "classifier_kw": {"deepsets": _config_kinds(DeepSetsConfig, "n_classes"),
                           "transformer": _config_kinds(TransformerClassifierConfig, "n_classes")},
         # studies.tokens.TOKENIZER_DEFAULTS and its data keys (a test holds the two together)
-        "tokenizer": {**size, "batch_size": ("int",), "extra_seed": ("int",), "per_size": _PerKey(size),
-                      "data_files": ("str", "list[str]", "None"), "per_class": ("int",), "seed": ("int",),
-                      "trainer": trainer},
+        "tokenizer": {**size, "batch_size": ("int",), "extra_seed": ("int",), "per_size": _PerKey(size), **data},
+        # studies.generation.BACKBONE_DEFAULTS and its data keys (a test holds the two together)
+        "backbone": {"gpt_config": gpt_config, "epochs": ("int",), "batch_size": ("int",),
+                     "per_model": _PerKey({"epochs": ("int",), "dropout": ("float",)}), "data_seed": ("int",), **data},
     }
 
 
@@ -413,22 +418,17 @@ def resolve_parameters(profile: dict, nbs: list[Path]) -> dict[Path, dict]:
                 raise OmnijetError(f"{where}: {k} must be positive, got {v}")
             if any(x < 0 for x in numbers):
                 raise OmnijetError(f"{where}: {k} must not be negative, got {v}")
+            words = _choices().get(k)
+            if words and any(x not in words for x in items):
+                raise OmnijetError(f"{where}: {k} must be {' or '.join(words)}, got {v!r}")
         out[nb] = params
     return out
 
 
 #: The notebooks each one reads from (models, tokenizers, simulated data): ``--jobs`` starts a
-#: notebook only when those in the run have finished. See :func:`needs`.
+#: notebook only when those in the run have finished. Only for speed: a model two notebooks ask
+#: for at once is trained by one while the other waits for it (the model store's lock).
 NEEDS = {"01": ("00",), "02": ("01",), "03": ("01",), "04": ("02",), "05": ("01",)}
-
-
-def needs(nb: Path, params: dict) -> set[str]:
-    """:data:`NEEDS` of ``nb`` with these parameters: notebook 03 also waits for 02, whose combined
-    backbone it fine-tunes, unless it pre-trains one of its own (``pretrain_per_class``)."""
-    out = set(NEEDS.get(nb.stem[:2], ()))
-    if nb.stem.startswith("03") and not params.get("pretrain_per_class"):
-        out.add("02")
-    return out
 
 
 def run_figures(profile: str = "ci", only: list[str] | None = None, out_dir: Path | None = None,
@@ -620,7 +620,7 @@ def run_parallel(profile: Path, plan: dict[Path, dict], out_dir: Path, jobs: int
     t_all = time.time()
 
     def ready(nb: Path) -> bool:
-        return all(d in finished or d not in in_run for d in needs(nb, plan[nb]))
+        return all(d in finished or d not in in_run for d in NEEDS.get(nb.stem[:2], ()))
 
     def relay(proc, failure: list) -> None:
         for line in proc.stdout:  # stdout and stderr, one pipe: nothing can fill up unread
@@ -846,21 +846,11 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
             runs.append((f"{arch} classifier x{n_inputs} inputs", arch, n_inputs * train,
                          p.get("classifier_epochs", 1), p.get("classifier_batch_size", 256)))
     elif stem.startswith("02"):
-        # q/g + t->bqq' jets: those of the data files, or gpt_per_class of each (simulation only)
-        if p.get("data_files") is not None:
-            pair = n
-        else:
-            pair = 2 * p["gpt_per_class"] if p.get("gpt_per_class") else 0.2 * n
         runs += _tokenizer_runs(p, n, "conditional", p.get("num_codes"))
-        model_epochs = value_per_key("epochs_per_model", p.get("epochs_per_model"), ("combined", "qcd", "top"),
-                                     p.get("epochs", 1))
-        for label, name, share in (("GPT q/g + t->bqq'", "combined", 1.0), ("GPT q/g", "qcd", 0.5),
-                                   ("GPT t->bqq'", "top", 0.5)):
-            runs.append((label, "gpt", 0.9 * share * pair, model_epochs[name], p.get("batch_size", 256)))
         fractions = [f for f in p.get("scaling_fractions", []) if f < 1]
-        for f in fractions:  # the same optimizer steps as the full combined backbone
-            runs.append((f"GPT data scaling, {f:g} of the jets", "gpt", 0.9 * f * pair,
-                         max(1, round(model_epochs["combined"] / f)), p.get("batch_size", 256)))
+        if not p.get("checkpoint_dir"):
+            runs += [r for name in ("combined", "qcd", "top") for r in _backbone_runs(p, n, name)]
+            runs += [r for f in fractions for r in _backbone_runs(p, n, "combined", f)]
         model_generate = value_per_key("n_generate_per_model", p.get("n_generate_per_model"),
                                        ("combined", "qcd", "top"), p.get("n_generate", 0))
         gen = sum(model_generate.values()) + len(fractions) * model_generate["combined"]
@@ -869,19 +859,15 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
                      0.6 * 2 * gen * len(p.get("classifier_seeds", [])),
                      p.get("classifier_epochs", 1), p.get("classifier_batch_size", 256)))
     elif stem.startswith("03"):
-        pool = max(n - p.get("n_test", 0), 0)
-        if p.get("backbone_path") is None or p.get("pretrain_per_class"):
-            pre = 2 * p["pretrain_per_class"] if p.get("pretrain_per_class") else pool
-            runs += _tokenizer_runs(p, n, "conditional", p.get("num_codes"))
-            runs.append(("GPT pre-training (if not reused)", "gpt", 0.9 * pre, p.get("pretrain_epochs", 1),
-                         p.get("pretrain_batch_size", 256)))
+        if not p.get("checkpoint_dir"):
+            runs += _tokenizer_runs(p, n, "conditional", p.get("num_codes")) + _backbone_runs(p, n, "combined")
         cap = p.get("max_epochs", 1)  # one cap, or {size: cap}
         passes = sum(s * (cap.get(s, 1) if isinstance(cap, dict) else cap) for s in p.get("train_sizes", []))
         runs.append(("fine-tuning, 3 strategies x seeds (jet passes up to max_epochs, before early stopping)",
                      "gpt_classifier", 3 * p.get("n_seeds", 1) * passes, 1, p.get("batch_size", 64)))
     elif stem.startswith("04"):
-        runs += _tokenizer_runs(p, n, "conditional", p.get("num_codes"))
-        runs.append(("GPT (if not reused)", "gpt", 0.9 * n, p.get("gpt_epochs", 1), 256))
+        if not p.get("checkpoint_dir"):
+            runs += _tokenizer_runs(p, n, "conditional", p.get("num_codes")) + _backbone_runs(p, n, "top")
         epic = "epic_" + str(p.get("epic_config", "light"))
         runs.append((f"EPiC-FM {p.get('epic_config')}", epic, n, p.get("epochs", 1), p.get("batch_size", 256)))
         steps = p.get("ode_steps", 100)  # midpoint: 2 forward passes per step, a forward ~1/3 of training
@@ -907,7 +893,43 @@ def _tokenizer_runs(p: dict, n: int, kind: str, num_codes) -> list[tuple[str, st
     jets = 10 * per_class if tok.get("data_files", p.get("data_files")) is None else n
     extra = 10 * own.get("extra_per_class", tok["extra_per_class"])
     return [(f"VQ-VAE {kind} K={num_codes} (the profile's; trained once, by the first notebook that needs it)",
-             "vqvae", 0.9 * (0.6 * jets + extra), own.get("epochs", tok["epochs"]), tok["batch_size"])]
+             "vqvae", 0.9 * (0.6 * jets + extra), own.get("epochs", tok["epochs"]), tok["batch_size"],
+             tok.get("trainer", p.get("trainer")))]
+
+
+def _backbone_runs(p: dict, n: int, name: str, fraction: float = 1.0) -> list[tuple]:
+    """The pre-training of the profile's backbone ``name`` (on ``fraction`` of its jets, with the same
+    optimiser steps) as :func:`omnijet_lib.studies.generation.profile_backbone` asks the store for it
+    (90% of the jets train, 10% validate), and whether the store has it."""
+    from .studies.generation import BACKBONE_CLASSES, backbone_data
+    from .training.gpt import gpt_settings
+
+    data = backbone_data(p.get("backbone"), p.get("data_files"), p.get("per_class", 300), p.get("seed", 1),
+                         p.get("trainer"), load=False)
+    store_name, args = data.gpt_args(name, int(p.get("num_codes", 0)) + 2, fraction)
+    if "per_class" in data.source:
+        n = 2 * data.source["per_class"]
+    elif data.source["data_files"] != p.get("data_files"):  # files of its own
+        n = _data({"data_files": data.source["data_files"]}, classes=list(BACKBONE_CLASSES["combined"]))[0]
+    jets = len(BACKBONE_CLASSES[name]) / 2 * n * fraction
+    what = f"GPT {name}" + (f" on {fraction:g} of its jets (data scaling)" if fraction < 1 else "")
+    return [(f"{what} (the profile's backbone; trained once, by the first notebook that needs it)", "gpt",
+             0.9 * jets, args["epochs"], args["batch_size"], data.trainer,
+             _in_store(p, store_name, gpt_settings(**args)[0]))]
+
+
+def _in_store(p: dict, name: str, settings: dict) -> str:
+    """Whether the model store of ``p``'s ``models_dir`` has model ``name`` trained with ``settings``
+    (its jets are compared when the notebook runs: they are not loaded for a dry run)."""
+    from .training.store import ModelStore
+
+    root = Path(p.get("models_dir") or ".")
+    store = ModelStore(root if root.is_absolute() else NOTEBOOKS / root)
+    same = store.with_settings(name, settings)
+    if same:
+        return f"store: reuses {name}/{Path(same[0]['path']).name} if its jets match"
+    others = len(store.runs(name))
+    return "store: trains it" + (f"; {others} run(s) of {name} with other settings" if others else "")
 
 
 def estimate_cost(stem: str, params: dict) -> dict:
@@ -933,15 +955,19 @@ def estimate_cost(stem: str, params: dict) -> dict:
         gpus *= trainer.get(k) if isinstance(trainer.get(k), int) else 1
     steps, hours = 0, 0.0
     runs = _cost_runs(stem, params, n)
-    for label, model, jets, epochs, batch in runs:
+    for label, model, jets, epochs, batch, *own in runs:
+        # the profile's tokenizers and backbones train with their own trainer, and the store may have them
+        cap = (own[0] or {}).get("limit_train_batches", limit) if own else limit
+        if len(own) > 1:
+            label = f"{label} [{own[1]}]"
         h = jets * epochs / GPU_JETS_PER_S[model] / 3600
         hours += h
         if batch is None:  # sampling
             lines.append(f"{label}: {h:.3g} GPU-h")
             continue
         per_epoch = math.ceil(jets / max(batch, 1))
-        if isinstance(limit, int) and not isinstance(limit, bool):
-            per_epoch = min(per_epoch, limit)
+        if isinstance(cap, int) and not isinstance(cap, bool):
+            per_epoch = min(per_epoch, cap)
             h = per_epoch * batch * epochs / GPU_JETS_PER_S[model] / 3600
         s = per_epoch * epochs
         steps += s

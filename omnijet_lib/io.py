@@ -36,6 +36,7 @@ __all__ = [
     "file_sha256",
     "array_digest",
     "changed_settings",
+    "as_json",
     "save_checkpoint",
     "load_checkpoint",
     "check_finite_weights",
@@ -224,6 +225,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
     return Path(path)
+
+
+def as_json(obj: Any) -> Any:
+    """``obj`` as JSON gives it back (tuples become lists, numpy numbers plain, paths text): the form
+    in which settings are written, hashed and compared."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=_json_default))
 
 
 def _json_default(o: Any) -> Any:

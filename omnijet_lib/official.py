@@ -20,8 +20,8 @@ an inert stand-in (nothing in the file is ever called) and globals that could ru
 * :func:`load_official_tokenizer` (``model_ckpt.ckpt`` + its ``config.yaml``, whose feature
   scaling must be ours), :func:`load_official_backbone`, :func:`load_official_classifier`;
 * :func:`find_published` / :func:`convert_published` — the published archive's layout
-  (``vqvae_8192_tokens/``, ``generative_8192_tokens/``) → our safetensors checkpoints where the
-  notebooks look for them (``tokenizer_conditional_K/``, ``gpt_combined/``);
+  (``vqvae_8192_tokens/``, ``generative_8192_tokens/``) → our safetensors checkpoints, converted
+  once into two runs of the model store (``published_tokenizer/``, ``published_gpt_combined/``);
 * :func:`fetch_published` — download and unpack the published archive (resumable, atomic,
   safe extraction, sha256 of every file checked on reuse).
 
@@ -45,6 +45,7 @@ import re
 import reprlib
 import types
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,14 +57,16 @@ from .io import (LOCK_FILE, OmnijetError, check_finite_weights, check_tensor_vie
                  file_sha256, save_model, shape_mismatch, write_json)
 from .models.classifier import GPTClassifier
 from .models.gpt import GPT, GPTConfig
-from .tokenizers.base import save_tokenizer
+from .tokenizers.base import load_tokenizer, save_tokenizer
 from .tokenizers.vqvae import VQVAE, VQVAEConfig
+from .training.store import ModelRequest, ModelStore, Run
 
 log = logging.getLogger(__name__)
 
 __all__ = ["tokenizer_from_official", "gpt_from_official", "classifier_from_official", "rename_official",
            "read_lightning_checkpoint", "plain", "load_official_tokenizer", "load_official_backbone",
-           "load_official_classifier", "find_published", "convert_published", "fetch_published", "PUBLISHED_URL"]
+           "load_official_classifier", "find_published", "convert_published", "Published", "fetch_published",
+           "PUBLISHED_URL"]
 
 # (official name pattern, our name), tried in order. Inside a NormFormer block (gabbro's
 # NormformerBlock -> ours): nn.MultiheadAttention's in_proj is our qkv, rows [q; k; v] alike.
@@ -441,14 +444,14 @@ def check_feature_dict(feature_dict: dict, source: str) -> None:
                                    "tokens of this model would not mean what they mean here")
 
 
+_CONFIG_NEEDED = "the official tokenizer needs the config.yaml of its training (it holds the feature scaling)"
 #: the config.yaml of a training is a few kB; a larger file is not one
 MAX_CONFIG_BYTES = 1 << 20
 
 
 def _config_yaml(path: Path) -> dict:
     if not path.exists():
-        raise OmnijetError(f"{path}: not found; the official tokenizer needs the config.yaml of its training "
-                           "(it holds the feature scaling)")
+        raise OmnijetError(f"{path}: not found; {_CONFIG_NEEDED}")
     if not path.is_file():  # a folder, a FIFO (whose read would block), ...
         raise OmnijetError(f"{path}: not a regular file")
     try:
@@ -527,7 +530,6 @@ PUBLISHED_URL = "https://syncandshare.desy.de/public.php/dav/files/HX388YZbjSGPN
 MANIFEST = "omnijet_checkpoints.sha256.json"
 _ARCHIVE = "omnijet_checkpoints.download"
 _OURS = (MANIFEST, _ARCHIVE, LOCK_FILE)  # names fetch writes into dest: no archive member may take them
-_CONVERTED = "published.json"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -550,53 +552,83 @@ def find_published(checkpoint_dir: str | os.PathLike) -> dict[str, Path]:
     return {k: v[0] for k, v in found.items()}
 
 
-def convert_published(checkpoint_dir: str | os.PathLike, dest: str | os.PathLike, progress=print,
-                      wait: bool = False) -> dict[str, Path]:
-    """The published tokenizer and backbone as our safetensors checkpoints, where the notebooks
-    look for them: ``dest/tokenizer_conditional_K/tokenizer.safetensors`` and
-    ``dest/gpt_combined/gpt.safetensors``. Returns those paths (``tokenizer``, ``gpt_combined``).
+_TOKENIZER_FILE, _BACKBONE_FILE = "tokenizer.safetensors", "gpt.safetensors"  # as in the runs trained here
 
-    Converted once: ``dest/published.json`` records the sha256 of the sources, and a later call
-    with the same sources reuses the outputs. Files in the way that were not converted from
-    these sources are refused rather than overwritten. Another process converting into ``dest``
-    is an error, or with ``wait`` waited for."""
+
+@dataclass(frozen=True)
+class Published:
+    """The published tokenizer and backbone: two runs of the model store."""
+
+    tokenizer: Run
+    backbone: Run
+
+    @property
+    def tokenizer_file(self) -> Path:
+        return self.tokenizer.path / _TOKENIZER_FILE
+
+    @property
+    def backbone_file(self) -> Path:
+        return self.backbone.path / _BACKBONE_FILE
+
+
+#: the settings of a converted run: what was done to the published file (bump ``converter`` when
+#: a change of this module changes what a conversion writes)
+CONVERSION = {"format": "official OmniJet-α checkpoint", "converter": 1}
+
+
+def _source(path: Path, needed: str = "") -> dict:
+    """A published file's identity: its name in the archive's layout (``folder/file``, never an
+    absolute path, so that a moved archive is the same source) and its sha256."""
+    if not path.is_file():  # missing, a folder, or a FIFO (whose hash would never end)
+        raise OmnijetError(f"{path}: {'not a regular file' if path.exists() else 'not found'}{needed}")
+    return {"file": f"{path.parent.name}/{path.name}", "sha256": file_sha256(path)}
+
+
+def convert_published(checkpoint_dir: str | os.PathLike, store: ModelStore, progress=print) -> Published:
+    """The published tokenizer and backbone (:func:`find_published`) as our safetensors
+    checkpoints, converted once into two runs of ``store``: ``published_tokenizer``
+    (``tokenizer.safetensors``) and ``published_gpt_combined`` (``gpt.safetensors``), whose data
+    identity is the name and sha256 of their source files (the tokenizer's with its
+    ``config.yaml``). A later call with the same files reuses both runs; other files are converted
+    into other run folders; a store with ``reuse="strict"`` refuses files it has not converted. A
+    backbone whose vocabulary does not fit the tokenizer is refused before anything is written for
+    it. A second process converting the same files waits for the first (the store locks the run
+    folder), then reuses."""
     src = find_published(checkpoint_dir)
-    with exclusive_lock(dest, wait=wait):
-        return _convert_into(src, Path(dest), checkpoint_dir, progress)
+    config = _source(src["tokenizer"].parent / "config.yaml", f"; {_CONFIG_NEEDED}")
+    tok_request = ModelRequest("published_tokenizer", CONVERSION, {"checkpoint": _source(src["tokenizer"]),
+                                                                   "config": config})
+
+    def convert_tokenizer(run_dir: Path) -> None:
+        tok = load_official_tokenizer(src["tokenizer"])
+        progress(f"published tokenizer: {tok.kind}, K = {tok.num_codes}")
+        save_tokenizer(run_dir / _TOKENIZER_FILE, tok)
+
+    _, tok_run = store.get(tok_request, train=convert_tokenizer, load=lambda run_dir: None)
+    gpt_request = ModelRequest("published_gpt_combined", CONVERSION, {"checkpoint": _source(src["backbone"])})
+    tok_file = tok_run.path / _TOKENIZER_FILE
+    # to be converted: the vocabulary is checked before the store writes anything for the backbone
+    gpt = _fitting_backbone(src, tok_file) if store.plan(gpt_request) != "reuse" else None
+
+    def convert_backbone(run_dir: Path) -> None:
+        # gpt is None only if the run planned as reused has vanished since
+        model = gpt if gpt is not None else _fitting_backbone(src, tok_file)
+        progress(f"published backbone: {sum(p.numel() for p in model.parameters()):,} parameters, "
+                 f"vocabulary {model.config.vocab_size}")
+        save_model(run_dir / _BACKBONE_FILE, model, source=gpt_request.data["checkpoint"]["file"])
+
+    _, gpt_run = store.get(gpt_request, train=convert_backbone, load=lambda run_dir: None)
+    return Published(tok_run, gpt_run)
 
 
-def _convert_into(src: dict[str, Path], dest: Path, checkpoint_dir, progress) -> dict[str, Path]:
-    """:func:`convert_published`'s work, under ``dest``'s lock."""
-    sums = {k: file_sha256(p) for k, p in src.items()}
-    record = dest / _CONVERTED
-    try:
-        old = json.loads(record.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        old = {}
-    outs = {k: Path(v) for k, v in (old.get("outputs") or {}).items()}
-    if old.get("sha256") == sums and outs and all(p.is_file() for p in outs.values()):
-        progress(f"published models from {checkpoint_dir}: already converted into {dest}")
-        return outs
-    tok = load_official_tokenizer(src["tokenizer"])
+def _fitting_backbone(src: dict[str, Path], tok_file: Path) -> GPT:
+    """The published backbone, whose vocabulary must be the converted tokenizer's K + 2."""
     gpt = load_official_backbone(src["backbone"])
+    tok = load_tokenizer(tok_file)
     if gpt.config.vocab_size != tok.vocab_size:
         raise OmnijetError(f"{src['backbone']}: backbone vocabulary {gpt.config.vocab_size} does not fit the "
                            f"tokenizer {src['tokenizer']} ({tok.num_codes} codes + start/stop = {tok.vocab_size})")
-    outs = {"tokenizer": dest / f"tokenizer_{tok.kind}_{tok.num_codes}" / "tokenizer.safetensors",
-            "gpt_combined": dest / "gpt_combined" / "gpt.safetensors"}
-    ours = set((old.get("outputs") or {}).values())
-    for p in outs.values():
-        if p.exists() and str(p) not in ours:
-            raise OmnijetError(f"{p}: exists and was not converted from the published checkpoints; "
-                               "use another models_dir (or remove it)")
-        p.parent.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(outs["tokenizer"], tok)
-    save_model(outs["gpt_combined"], gpt, source=str(src["backbone"]))
-    write_json(record, {"sources": {k: str(p) for k, p in src.items()}, "sha256": sums,
-                        "outputs": {k: str(p) for k, p in outs.items()}})
-    progress(f"converted the published tokenizer (K = {tok.num_codes}) and backbone "
-             f"({sum(p.numel() for p in gpt.parameters()):,} parameters) into {dest}")
-    return outs
+    return gpt
 
 
 def _manifest_problem(manifest, dest: Path) -> str | None:

@@ -131,40 +131,52 @@ def test_every_notebook_counts_the_same_profile_tokenizer():
     assert all(c == {"VQ-VAE conditional K=512": (pytest.approx(540), 7, 64)} for c in costs), costs
 
 
-def test_cost_counts_epochs_per_backbone():
+def test_every_notebook_counts_the_same_profile_backbone():
+    """02-04 ask for the backbones 02 trains: one definition, with per-model epochs and data scaling."""
     from omnijet_lib.figures import _cost_runs
 
-    p = {"gpt_per_class": 100, "epochs": 8, "epochs_per_model": {"top": 16}, "scaling_fractions": [0.5]}
-    epochs = {label: e for label, _, _, e, _ in _cost_runs("02_generation", p, 1000) if "GPT" in label}
-    assert epochs == {"GPT q/g + t->bqq'": 8, "GPT q/g": 8, "GPT t->bqq'": 16, "GPT data scaling, 0.5 of the jets": 16}
+    bb = {"per_class": 100, "epochs": 8, "batch_size": 16, "per_model": {"top": {"epochs": 16, "dropout": 0.1}}}
+    p = {"per_class": 5000, "backbone": bb, "scaling_fractions": [0.5]}
+
+    def gpts(stem):
+        return {label.split(" (")[0]: (n, e, b) for label, model, n, e, b, *_ in _cost_runs(stem, p, 1000)
+                if model == "gpt"}
+    two = gpts("02_generation")
+    assert two == {"GPT combined": (pytest.approx(180), 8, 16), "GPT qcd": (pytest.approx(90), 8, 16),
+                   "GPT top": (pytest.approx(90), 16, 16), "GPT combined on 0.5 of its jets": (pytest.approx(90), 16, 16)}
+    assert gpts("03_transfer_learning") == {"GPT combined": two["GPT combined"]}
+    assert gpts("04_epic_fm_comparison") == {"GPT top": two["GPT top"]}
 
 
 def test_cost_counts_the_jets_each_backbone_generates():
     from omnijet_lib.figures import _cost_runs
 
-    p = {"gpt_per_class": 100, "n_generate": 200, "n_generate_per_model": {"combined": 600},
+    p = {"n_generate": 200, "n_generate_per_model": {"combined": 600},
          "scaling_fractions": [0.5], "classifier_seeds": [0, 1]}
-    jets = {label: n for label, _, n, _, _ in _cost_runs("02_generation", p, 1000)}
+    jets = {label: n for label, _, n, *_ in _cost_runs("02_generation", p, 1000)}
     assert jets["generation of 1600 jets"] == 1600   # 600 + 200 + 200, and the scaling backbone's 600
     assert jets["classifier test x2 seeds"] == pytest.approx(0.6 * 2 * 1600 * 2)
 
 
-def test_epochs_per_model_must_map_names_to_integers():
-    from omnijet_lib.figures import check_parameter
+def test_per_model_settings_must_map_names_to_their_types():
+    from omnijet_lib.figures import _cost_runs, check_parameter
     from omnijet_lib.io import OmnijetError
 
-    check_parameter("quick.yaml 02_generation", "epochs_per_model", {"top": 16}, {})
-    check_parameter("quick.yaml 02_generation", "dropout_per_model", {"top": 0.1}, {})
+    check_parameter("quick.yaml common", "backbone", {"per_model": {"top": {"epochs": 16, "dropout": 0.1}}}, {})
     check_parameter("quick.yaml 02_generation", "n_generate_per_model", {"combined": 4000}, {})
     check_parameter("quick.yaml common", "tokenizer", {"per_size": {8192: {"model_kw": {"dropout": 0.0}}}}, {})
     with pytest.raises(OmnijetError, match=r"tokenizer.per_size.8192 must be dict"):
         check_parameter("quick.yaml common", "tokenizer", {"per_size": {8192: 0.0}}, {})
     with pytest.raises(OmnijetError, match=r"tokenizer.per_size.8192.extra_per_class must be int"):
         check_parameter("quick.yaml common", "tokenizer", {"per_size": {8192: {"extra_per_class": 0.5}}}, {})
-    with pytest.raises(OmnijetError, match=r"dropout_per_model must be dict\[str, float\]"):
-        check_parameter("quick.yaml 02_generation", "dropout_per_model", {"top": "0.1"}, {})
-    with pytest.raises(OmnijetError, match=r"quick.yaml 02_generation: epochs_per_model must be dict\[str, int\]"):
-        check_parameter("quick.yaml 02_generation", "epochs_per_model", {"top": "16"}, {})
+    with pytest.raises(OmnijetError, match=r"^quick.yaml common: backbone.per_model.top.dropout must be float"):
+        check_parameter("quick.yaml common", "backbone", {"per_model": {"top": {"dropout": "0.1"}}}, {})
+    with pytest.raises(OmnijetError, match=r"^quick.yaml common: backbone.per_model.top.epoch: unknown key; known: epochs, dropout$"):
+        check_parameter("quick.yaml common", "backbone", {"per_model": {"top": {"epoch": 16}}}, {})
+    with pytest.raises(OmnijetError, match=r"^quick.yaml common: backbone.gpt_config.n_emb: unknown key; known: n_embd, "):
+        check_parameter("quick.yaml common", "backbone", {"gpt_config": {"n_emb": 64}}, {})
+    with pytest.raises(OmnijetError, match=r"^backbone.per_model: tops not among qcd, top, combined$"):
+        _cost_runs("02_generation", {"backbone": {"per_model": {"tops": {"epochs": 16}}}}, 1000)
 
 
 def test_per_key_overrides_match_keys_as_text_and_reject_unknown_ones():
@@ -173,9 +185,9 @@ def test_per_key_overrides_match_keys_as_text_and_reject_unknown_ones():
 
     # papermill hands {8192: 16} to the notebook as {"8192": 16}
     assert value_per_key("tokenizer.per_size", {"8192": 16}, [512, 8192], 8) == {512: 8, 8192: 16}
-    assert value_per_key("epochs_per_model", None, ["qcd", "top"], 8) == {"qcd": 8, "top": 8}
-    with pytest.raises(OmnijetError, match=r"^epochs_per_model: tops not among qcd, top, combined$"):
-        value_per_key("epochs_per_model", {"tops": 16}, ["qcd", "top", "combined"], 8)
+    assert value_per_key("n_generate_per_model", None, ["qcd", "top"], 8) == {"qcd": 8, "top": 8}
+    with pytest.raises(OmnijetError, match=r"^n_generate_per_model: tops not among qcd, top, combined$"):
+        value_per_key("n_generate_per_model", {"tops": 16}, ["qcd", "top", "combined"], 8)
     with pytest.raises(OmnijetError, match=r"^tokenizer.per_size: 4096 not among 512, 8192$"):
         _cost_runs("01_token_quality", {"kinds": ["conditional"], "codebook_sizes": [512, 8192],
                                         "tokenizer": {"per_size": {"4096": {"epochs": 16}}}}, 1000)
@@ -189,8 +201,7 @@ def test_parallel_run_keeps_the_notebook_order_and_stops_after_a_failure(tmp_pat
 
     monkeypatch.setattr(figures.os, "cpu_count", lambda: 2)
     log = tmp_path / "log"
-    nbs = {tmp_path / f"{n}_x.ipynb": {"pretrain_per_class": 10} if n == "03" else {}
-           for n in ("00", "01", "02", "03", "04", "05")}
+    nbs = {tmp_path / f"{n}_x.ipynb": {} for n in ("00", "01", "02", "03", "04", "05")}
     fail = {"05"}
 
     def command(nb):  # a stand-in notebook: logs start/end and its thread count; 02 is slow, 05 fails
@@ -219,7 +230,6 @@ def test_parallel_run_keeps_the_notebook_order_and_stops_after_a_failure(tmp_pat
         assert running <= 2
     out = capsys.readouterr().out
     assert "[02] working" in out and "error:" not in out
-    assert figures.needs(Path("03_x.ipynb"), {}) == {"01", "02"}  # fine-tunes 02's backbone: waits for it
 
 
 def test_each_profile_writes_its_own_gallery(tmp_path, capsys):

@@ -1,17 +1,20 @@
-"""Evaluation helpers of notebook 02: decoding generated sequences, backbones on disk, the
-classifier test and W1 scores."""
+"""Evaluation helpers of notebook 02: decoding generated sequences, the profile's backbones in the
+model store, the classifier test and W1 scores."""
 
-import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from omnijet_lib.studies.generation import classifier_test, decode_generated, ensure_gpt, w1_scores
+from omnijet_lib.studies.generation import (BackboneData, backbone_data, classifier_test, decode_generated,
+                                           profile_backbone, w1_scores)
 from omnijet_lib.io import OmnijetError
 from omnijet_lib.models.gpt import GPTConfig
 from omnijet_lib.tokenizers import reconstruct, tokenize
 from omnijet_lib.training.fit import TrainConfig
+from omnijet_lib.training.gpt import ensure_gpt
+from omnijet_lib.training.store import ModelStore, Run
 from omnijet_lib.training.vqvae import make_tokenizer
 
 QUIET = TrainConfig(progress_bar=False, accelerator="cpu", devices=1)
@@ -48,27 +51,80 @@ def test_decode_generated_matches_reconstruct():
         decode_generated(tok, seq, seq_mask, max_len=4)
 
 
-def test_ensure_gpt_trains_loads_and_replaces(tmp_path):
+def _store(tmp_path, reuse="auto"):
+    return ModelStore(tmp_path / "models", reuse=reuse, progress=lambda m: None)
+
+
+def _weights_equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_ensure_gpt_trains_once_and_a_new_run_for_each_change(tmp_path):
+    """Before the store, notebook 04 used whatever gpt_top/ held and 02 replaced a model in place."""
     tok = _binned()
     x, mask = _jets(40, seed=2)
     seq, seq_mask = tok.to_sequence(tokenize(tok, x, mask), mask)
-    path = tmp_path / "gpt_x" / "gpt.safetensors"
     cfg = GPTConfig(vocab_size=tok.vocab_size, n_embd=16, n_head=2, n_layer=1, ffn=32, max_len=seq.shape[1])
-    m1, s1 = ensure_gpt(path, seq, seq_mask, cfg, epochs=1, batch_size=16, train_config=QUIET, progress=lambda *_: None)
-    assert path.is_file() and s1 > 0
-    m2, s2 = ensure_gpt(path, seq, seq_mask, cfg, epochs=1, batch_size=16, train_config=QUIET, progress=lambda *_: None)
-    assert s2 == 0 and all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
-    cfg2 = GPTConfig(vocab_size=tok.vocab_size, n_embd=8, n_head=2, n_layer=1, ffn=16, max_len=seq.shape[1])
-    m3, s3 = ensure_gpt(path, seq, seq_mask, cfg2, epochs=1, batch_size=16, train_config=QUIET, progress=lambda *_: None)
-    assert s3 > 0 and m3.config == cfg2
-    # same network, other training settings or other sequences: retrained, not resumed
-    quiet = dict(batch_size=16, train_config=QUIET, progress=lambda *_: None)
-    assert ensure_gpt(path, seq, seq_mask, cfg2, epochs=1, **quiet)[1] == 0
-    assert ensure_gpt(path, seq, seq_mask, cfg2, epochs=2, **quiet)[1] > 0
+    kw = dict(source={"what": "toy"}, epochs=1, batch_size=16, train_config=QUIET)
+    store = _store(tmp_path)
+    m1, r1 = ensure_gpt(store, "gpt_x", seq, seq_mask, cfg, **kw)
+    m2, r2 = ensure_gpt(store, "gpt_x", seq, seq_mask, cfg, **kw)
+    assert r1.trained and not r2.trained and r2.path == r1.path and _weights_equal(m1, m2)
     official = TrainConfig(progress_bar=False, accelerator="cpu", devices=1, schedule="official")
-    assert ensure_gpt(path, seq, seq_mask, cfg2, epochs=2, **{**quiet, "train_config": official})[1] > 0
-    assert ensure_gpt(path, seq[::-1], seq_mask[::-1], cfg2, epochs=2, **{**quiet, "train_config": official})[1] > 0
-    assert json.loads((path.parent / "gpt.run.json").read_text())["schedule"] == "official"
+    changes = {"network": dict(config=GPTConfig(vocab_size=tok.vocab_size, n_embd=8, n_head=2, n_layer=1, ffn=16,
+                                                max_len=seq.shape[1])),
+               "epochs": dict(epochs=2), "procedure": dict(train_config=official), "seed": dict(seed=3),
+               "sequences": dict(seq=seq[::-1], seq_mask=seq_mask[::-1])}
+    paths = {r1.path}
+    for what, change in changes.items():
+        call = {"seq": seq, "seq_mask": seq_mask, "config": cfg, **kw, **change}
+        model, run = ensure_gpt(store, "gpt_x", **call)
+        assert run.trained and run.path not in paths, what
+        paths.add(run.path)
+    assert all((p / "gpt.safetensors").is_file() for p in paths)  # the old models stay
+    with pytest.raises(OmnijetError, match=r"gpt_x: reuse: strict, and no run was trained with these settings: "
+                                           r"settings.trainer.max_epochs is 1 in .*, 5 requested$"):
+        ensure_gpt(_store(tmp_path, "strict"), "gpt_x", seq, seq_mask, cfg, **{**kw, "epochs": 5})
+
+
+def _backbone_data(n=60, **settings):
+    x, mask = _jets(n, seed=7)
+    labels = np.where(np.arange(n) % 3 == 0, 8, 0)  # a third t→bqq' (8), the rest q/g (0)
+    tiny = {"gpt_config": {"n_embd": 16, "n_head": 2, "n_layer": 1, "ffn": 32, "max_len": 10}, "epochs": 1,
+            "batch_size": 16, "per_model": {}}
+    return BackboneData({"per_class": n // 2, "seed": 2}, {**tiny, **settings}, {"accelerator": "cpu", "devices": 1},
+                        seed=1, x=x, mask=mask, labels=labels)
+
+
+def test_profile_backbones_train_on_their_classes_with_their_own_settings(tmp_path):
+    tok, store = _binned(), _store(tmp_path)
+    tok_run = Run(tmp_path / "tok", "0123456789abcdef", False, 0.0)
+    data = _backbone_data(per_model={"top": {"epochs": 2, "dropout": 0.25}})
+    top, run = profile_backbone(store, "top", tok, tok_run, data)
+    rec = run.record()
+    assert run.path.parent.name == "gpt_top" and rec["data"]["jets"] == 20 and rec["settings"]["trainer"]["max_epochs"] == 2
+    assert top.config.dropout == 0.25 and rec["data"]["source"]["tokenizer"] == "0123456789abcdef"
+    qcd, qrun = profile_backbone(store, "qcd", tok, tok_run, data)
+    assert qrun.record()["data"]["jets"] == 40 and qcd.config.dropout == 0.0
+    again = profile_backbone(store, "top", tok, tok_run, _backbone_data(per_model={"top": {"epochs": 2, "dropout": 0.25}}))
+    assert not again[1].trained and again[1].path == run.path  # 04 asks for 02's top model: the same run
+    half, hrun = profile_backbone(store, "combined", tok, tok_run, data, fraction=0.5)
+    rec = hrun.record()
+    assert hrun.path.parent.name == "gpt_combined_scaling_0.5" and rec["data"]["jets"] == 30
+    assert rec["settings"]["trainer"]["max_epochs"] == 2  # the same optimiser steps as 1 epoch over all 60
+    other_tok = make_tokenizer("binned", bins=3).fit(*_jets(50))
+    assert profile_backbone(store, "top", other_tok, tok_run, data)[1].path != run.path  # another tokenizer: its own
+    with pytest.raises(OmnijetError, match=r"^backbone.per_model: tops not among qcd, top, combined$"):
+        profile_backbone(store, "top", tok, tok_run, _backbone_data(per_model={"tops": {"epochs": 2}}))
+    with pytest.raises(OmnijetError, match=r"^backbone.per_model.top: unknown key epoch; known: epochs, dropout$"):
+        profile_backbone(store, "top", tok, tok_run, _backbone_data(per_model={"top": {"epoch": 2}}))
+    with pytest.raises(OmnijetError, match=r"^backbone.gpt_config: .*n_emb"):
+        profile_backbone(store, "top", tok, tok_run, _backbone_data(gpt_config={"n_emb": 8}))
+
+
+def test_backbone_data_refuses_unknown_keys():
+    with pytest.raises(OmnijetError, match=r"^backbone: unknown key epoch; known: gpt_config, epochs, batch_size"):
+        backbone_data({"epoch": 3})
 
 
 def test_classifier_test_separates_only_different_samples():
@@ -106,23 +162,24 @@ def test_w1_scores():
 def test_data_scaling_trains_each_fraction_with_the_same_steps(tmp_path):
     from omnijet_lib.studies.generation import data_scaling
 
-    tok = _binned()
-    x, mask = _jets(60, seed=2)
-    seq, seq_mask = tok.to_sequence(tokenize(tok, x, mask), mask)
-    config = GPTConfig(vocab_size=tok.vocab_size, n_embd=8, n_head=2, n_layer=1, ffn=16)
-    kw = dict(epochs=2, batch_size=16, n_generate=20, seeds=[0], classifier_epochs=1, train_config=QUIET,
-              progress=lambda msg: None)
+    tok, store = _binned(), _store(tmp_path)
+    tok_run = Run(tmp_path / "tok", "0123456789abcdef", False, 0.0)
+    data = _backbone_data(60, epochs=2)
     x128, m128 = np.zeros((60, 128, 3), np.float32), np.zeros((60, 128), bool)  # as decode_generated gives
-    x128[:, :8], m128[:, :8] = x, mask
-    x, mask = x128, m128
-    points = data_scaling(tok, seq, seq_mask, x, mask, [0.25, 0.5], config, tmp_path, **kw)
-    assert [(p["train_jets"], p["epochs"]) for p in points] == [(15, 8), (30, 4)]
+    x128[:, :8], m128[:, :8] = data.x, data.mask
+    kw = dict(n_generate=20, seeds=[0], classifier_epochs=1, train_config=QUIET, progress=lambda msg: None)
+
+    def backbone(f):
+        return profile_backbone(store, "combined", tok, tok_run, data, fraction=f)
+
+    points = data_scaling(tok, backbone, x128, m128, [0.25, 0.5], **kw)
+    assert [(p["train_jets"], p["epochs"], p["trained_here"]) for p in points] == [(15, 8, True), (30, 4, True)]
     assert all(0 <= p["auc_mean"] <= 1 for p in points)
-    assert (tmp_path / "gpt_scaling_0.25" / "gpt.safetensors").is_file()
-    again = data_scaling(tok, seq, seq_mask, x, mask, [0.25], config, tmp_path, **kw)
-    assert again[0]["train_seconds"] == 0.0  # reused, not retrained
+    assert (Path(points[0]["run"]) / "gpt.safetensors").is_file()
+    again = data_scaling(tok, backbone, x128, m128, [0.25], **kw)
+    assert not again[0]["trained_here"] and again[0]["run"] == points[0]["run"]  # reused, not retrained
     with pytest.raises(OmnijetError, match="fraction 1.5 is not in"):
-        data_scaling(tok, seq, seq_mask, x, mask, [1.5], config, tmp_path, **kw)
+        data_scaling(tok, backbone, x128, m128, [1.5], **kw)
 
 
 def test_changed_settings_reads_missing_or_broken_records_as_empty(tmp_path):
@@ -134,3 +191,23 @@ def test_changed_settings_reads_missing_or_broken_records_as_empty(tmp_path):
     assert changed_settings(rec, {"a": 1, "b": 2}) == ["b"]
     rec.write_text("{not json")
     assert changed_settings(rec, {"a": 1}) == ["a"]
+
+
+def test_the_dry_run_asks_the_store_for_the_backbones(tmp_path):
+    """--dry-run builds each backbone's settings as the notebooks do and says whether the store has it."""
+    from omnijet_lib.figures import _backbone_runs
+
+    tok, store = _binned(), _store(tmp_path)
+    bb = {"gpt_config": {"n_embd": 16, "n_head": 2, "n_layer": 1, "ffn": 32, "max_len": 10}, "epochs": 1,
+          "batch_size": 16, "per_class": 30}
+    p = {"models_dir": str(tmp_path / "models"), "num_codes": tok.num_codes, "backbone": bb,
+         "trainer": {"accelerator": "cpu", "devices": 1}}
+    [(label, _, jets, epochs, batch, _, status)] = _backbone_runs(p, 0, "top")
+    assert label.startswith("GPT top") and (jets, epochs, batch) == (27, 1, 16) and status == "store: trains it"
+    data = backbone_data(bb, None, 30, 1, p["trainer"], load=False)
+    toy = _backbone_data(60)
+    data.x, data.mask, data.labels = toy.x, toy.mask, toy.labels
+    _, run = profile_backbone(store, "top", tok, Run(tmp_path / "tok", "0" * 16, False, 0.0), data)
+    assert _backbone_runs(p, 0, "top")[0][-1] == f"store: reuses gpt_top/{run.path.name} if its jets match"
+    assert _backbone_runs({**p, "backbone": {**bb, "epochs": 2}}, 0, "top")[0][-1] == \
+        "store: trains it; 1 run(s) of gpt_top with other settings"

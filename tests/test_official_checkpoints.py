@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import tarfile
+import threading
+import time
 import zipfile
 
 import numpy as np
@@ -20,9 +22,11 @@ import yaml
 import official_format as of
 from omnijet_lib import official
 from omnijet_lib.cli import main as cli
-from omnijet_lib.io import OmnijetError
+from omnijet_lib.io import LOCK_FILE, OmnijetError, exclusive_lock
 from omnijet_lib.tokenizers import load_tokenizer, reconstruct, tokenize
 from omnijet_lib.training.gpt import load_gpt
+from omnijet_lib.training.store import ModelStore
+from reliability.conftest import one_line_error, snapshot
 from test_download import _Handler, _no_internet, _server, server  # noqa: F401  (fixtures)
 
 URL_PATH = "/public.php/dav/files/HX388YZbjSGPNcC/"
@@ -187,30 +191,80 @@ def test_backbone_refusals(archive, tmp_path):
 
 
 # ------------------------------------------------------------------------------ conversion
-def test_convert_writes_our_checkpoints_once(archive, tmp_path):
-    out = official.convert_published(archive, tmp_path / "models", progress=lambda m: None)
-    assert out["tokenizer"] == tmp_path / "models" / "tokenizer_conditional_32" / "tokenizer.safetensors"
-    tok, gpt = load_tokenizer(out["tokenizer"]), load_gpt(out["gpt_combined"], vocab_size=34)
+def test_convert_into_the_store_once(archive, tmp_path):
+    models, said = tmp_path / "models", []
+    out = official.convert_published(archive, ModelStore(models, progress=said.append), progress=said.append)
+    assert out.tokenizer_file == out.tokenizer.path / "tokenizer.safetensors" and out.tokenizer.trained
+    assert out.tokenizer.path.parent == models / "published_tokenizer"
+    assert out.backbone_file.parent.parent == models / "published_gpt_combined" and out.backbone.trained
+    assert "published tokenizer: conditional, K = 32" in said and "vocabulary 34" in said[-2]
+    record = json.loads((out.backbone.path / "run.json").read_text())
+    assert record["complete"] and record["settings"] == official.CONVERSION
+    assert record["data"]["checkpoint"]["file"] == f"{of.BACKBONE_DIR}/{of.BACKBONE_NAME}"  # no absolute path
+    tok, gpt = load_tokenizer(out.tokenizer_file), load_gpt(out.backbone_file, vocab_size=34)
     x = torch.randn(4, 10, 3).numpy()
     mask = np.ones((4, 10), bool)
     want = official.load_official_tokenizer(archive / of.TOKENIZER_DIR)
     assert np.array_equal(tokenize(tok, x, mask), tokenize(want, x, mask))
     assert np.allclose(reconstruct(tok, tokenize(tok, x, mask), mask), reconstruct(want, tokenize(want, x, mask), mask))
-    seq, m = gpt.generate(3, generator=torch.Generator().manual_seed(0))
-    assert seq.shape[0] == 3
-    stamp = out["gpt_combined"].stat().st_mtime_ns
-    said = []
-    assert official.convert_published(archive, tmp_path / "models", progress=said.append) == out
-    assert out["gpt_combined"].stat().st_mtime_ns == stamp and "already converted" in said[0]
+    want_gpt = official.load_official_backbone(archive / of.BACKBONE_DIR / of.BACKBONE_NAME)
+    seq = torch.tensor([[0, 5, 7, 33]])
+    assert torch.allclose(gpt(seq), want_gpt(seq))
+    # the same files, also moved elsewhere: both runs reused, nothing rewritten, nothing converted
+    moved = shutil.copytree(archive, tmp_path / "moved")
+    before = snapshot(models)
+    said.clear()
+    again = official.convert_published(moved, ModelStore(models, progress=said.append), progress=said.append)
+    assert (again.tokenizer_file, again.backbone_file) == (out.tokenizer_file, out.backbone_file)
+    assert not (again.tokenizer.trained or again.backbone.trained)
+    assert snapshot(models) == before and len(said) == 2 and all(": reusing " in m for m in said)
+    assert cli(["checkpoints", "convert", str(moved), str(models)]) == 0 and snapshot(models) == before
+
+
+def test_other_sources_convert_into_other_runs_and_strict_refuses_them(archive, tmp_path):
+    models = tmp_path / "models"
+    first = official.convert_published(archive, ModelStore(models, progress=lambda m: None), progress=lambda m: None)
+    other = shutil.copytree(archive, tmp_path / "other")
+    ckpt = other / of.BACKBONE_DIR / of.BACKBONE_NAME
+    sd, kw = _fixture_state("gpt")
+    of.write_checkpoint(ckpt, {**sd, "head.fc1.bias": sd["head.fc1.bias"] + 1}, {"model_kwargs": kw})
+    before = snapshot(models)
+    with one_line_error(f"{models / 'published_gpt_combined'}: reuse: strict, and no run was trained with these "
+                        "settings: data.checkpoint.sha256 is ", unchanged=models):
+        official.convert_published(other, ModelStore(models, reuse="strict", progress=lambda m: None))
+    second = official.convert_published(other, ModelStore(models, progress=lambda m: None), progress=lambda m: None)
+    assert second.tokenizer.path == first.tokenizer.path and not second.tokenizer.trained  # the same tokenizer
+    assert second.backbone.path != first.backbone.path and second.backbone.trained
+    assert {k: v for k, v in snapshot(models).items() if k in before} == before  # the first runs stay
+    assert torch.equal(load_gpt(second.backbone_file).head.bias, load_gpt(first.backbone_file).head.bias + 1)
+    with one_line_error(f"{tmp_path / 'm2' / 'published_tokenizer'}: reuse: strict, and no finished run of it "
+                        "exists (reuse: auto would train it)", unchanged=tmp_path):
+        official.convert_published(archive, ModelStore(tmp_path / "m2", reuse="strict"))
+
+
+def test_a_second_conversion_waits_for_the_first_and_reuses(archive, tmp_path, capsys):
+    done = official.convert_published(archive, ModelStore(tmp_path / "first", progress=lambda m: None))
+    models, got = tmp_path / "models", []
+    run_dirs = [models / run.path.relative_to(tmp_path / "first") for run in (done.tokenizer, done.backbone)]
+    with exclusive_lock(run_dirs[0]):  # another process converting the tokenizer
+        t = threading.Thread(target=lambda: got.append(official.convert_published(
+            archive, ModelStore(models, progress=print), progress=print)))
+        t.start()
+        out = ""
+        for _ in range(300):
+            out += capsys.readouterr().out
+            if "waiting for it to finish" in out:
+                break
+            time.sleep(0.05)
+        assert f"{run_dirs[0]}: in use by process {os.getpid()} on " in out and not got
+        for run, path in zip((done.tokenizer, done.backbone), run_dirs):  # ... which converts both
+            shutil.copytree(run.path, path, dirs_exist_ok=True, ignore=shutil.ignore_patterns(LOCK_FILE))
+    t.join(timeout=60)
+    assert [got[0].tokenizer.path, got[0].backbone.path] == run_dirs
+    assert not (got[0].tokenizer.trained or got[0].backbone.trained) and "reusing" in capsys.readouterr().out
 
 
 def test_convert_refusals(archive, tmp_path):
-    mine = tmp_path / "models" / "gpt_combined" / "gpt.safetensors"
-    mine.parent.mkdir(parents=True)
-    mine.write_bytes(b"our own model")
-    with pytest.raises(OmnijetError, match="gpt.safetensors: exists and was not converted from the published"):
-        official.convert_published(archive, tmp_path / "models", progress=lambda m: None)
-    assert mine.read_bytes() == b"our own model"
     # a tokenizer with another vocabulary than the backbone's
     sd, kw = _fixture_state("vqvae_conditional")
     d = tmp_path / "mixed"
@@ -219,8 +273,18 @@ def test_convert_refusals(archive, tmp_path):
                    kw={**kw, "vq_kwargs": {**kw["vq_kwargs"], "num_codes": 30}})
     (d / of.BACKBONE_DIR).mkdir()
     (d / of.BACKBONE_DIR / of.BACKBONE_NAME).write_bytes((archive / of.BACKBONE_DIR / of.BACKBONE_NAME).read_bytes())
-    with pytest.raises(OmnijetError, match=r"backbone vocabulary 34 does not fit the tokenizer .* \(30 codes"):
-        official.convert_published(d, tmp_path / "m2", progress=lambda m: None)
+    models = tmp_path / "m2"
+    with one_line_error(f"{d / of.BACKBONE_DIR / of.BACKBONE_NAME}: backbone vocabulary 34 does not fit the tokenizer "
+                        f"{d / of.TOKENIZER_DIR / 'model_ckpt.ckpt'} (30 codes + start/stop = 32)"):
+        official.convert_published(d, ModelStore(models, progress=lambda m: None), progress=lambda m: None)
+    assert not (models / "published_gpt_combined").exists()  # nothing written for the backbone
+    runs = list(models.glob("*/*/run.json"))  # the tokenizer's run only, complete
+    assert [p.parent.parent.name for p in runs] == ["published_tokenizer"]
+    assert json.loads(runs[0].read_text())["complete"]
+    (d / of.TOKENIZER_DIR / "config.yaml").unlink()
+    with one_line_error("config.yaml: not found; the official tokenizer needs the config.yaml of its training",
+                        unchanged=models):
+        official.convert_published(d, ModelStore(models))
     shutil.rmtree(d / of.BACKBONE_DIR)
     with pytest.raises(OmnijetError, match="mixed: no published backbone"):
         official.find_published(d)

@@ -30,11 +30,16 @@ def test_published_profile_at_ci_size(tmp_path, capfd):
     metrics = {n: json.loads((tmp_path / "figures" / f"{n}_metrics.json").read_text()) for n in ("01", "02", "03", "04", "05")}
     models = tmp_path / "models"
     assert "conditional 32" in metrics["01"]["tokenizers"]  # the published tokenizer, not one trained here
-    assert not (models / "tokenizer_conditional_32" / "run.json").exists()
+    assert not (models / "tokenizer_conditional_32").exists()
     assert list(metrics["02"]["models"]) == ["combined"] and metrics["02"]["vocab_size"] == 34
     assert metrics["02"]["gpt_config"]["n_embd"] == 16 and metrics["02"]["models"]["combined"]["train_seconds"] == 0
     assert [p["fraction"] for p in metrics["02"]["data_scaling"]] == [1.0]  # no backbone trained on subsets
-    assert metrics["03"]["backbone"] == str(models / "gpt_combined" / "gpt.safetensors")
-    assert metrics["04"]["gpt_path"] == str(models / "gpt_combined" / "gpt.safetensors")
     assert metrics["05"]["num_codes"] == 32
-    assert json.loads((models / "published.json").read_text())["sources"]["backbone"].endswith(of.BACKBONE_NAME)
+    # converted once into the store: one complete run each, named by the notebooks that use it
+    runs = {p.parent.parent.name: json.loads(p.read_text()) for p in models.glob("published_*/*/run.json")}
+    assert sorted(runs) == ["published_gpt_combined", "published_tokenizer"]
+    assert len(list(models.glob("published_*/*/"))) == 2  # no other run of them
+    assert all(r["complete"] for r in runs.values())
+    assert runs["published_gpt_combined"]["data"]["checkpoint"]["file"] == f"{of.BACKBONE_DIR}/{of.BACKBONE_NAME}"
+    assert all(runs["published_tokenizer"]["settings_hash"] in json.dumps(metrics[n]) for n in ("02", "03", "04", "05"))
+    assert all(runs["published_gpt_combined"]["settings_hash"] in json.dumps(metrics[n]) for n in ("02", "03", "04"))

@@ -1,5 +1,7 @@
 """Token-quality evaluation helpers (studies/tokens.py) and the Transformer jet classifier."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -182,3 +184,88 @@ def test_the_profile_tokenizer_is_trained_once_and_again_for_changed_settings(tm
     with pytest.raises(OmnijetError, match=r"reuse: strict, and no run was trained with these settings: "
                                            r"settings.config.hidden_dim is 12 in .*, 4 requested"):
         profile_tokenizer(strict, "conditional", 16, _tokenizer_data(x, mask, per_size={16: {"model_kw": {"hidden_dim": 4}}}))
+
+
+TINY_CLASSIFIERS = {"deepsets": {"phi": [8], "f": [8]},
+                    "transformer": {"dim": 8, "num_heads": 2, "mlp_hidden": 8, "num_blocks": 1, "num_class_blocks": 1,
+                                    "head": [8]}}
+
+
+def _labelled_data(n=40, L=5, **settings):
+    """Tokenizer data with three classes and a 60/20/20 split, for the fig-5 classifiers."""
+    from omnijet_lib.studies.tokens import TOKENIZER_DEFAULTS, TokenizerData
+    from omnijet_lib.training.classifier import split_indices
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, n)
+    x = rng.normal(0, 0.3, (n, L, 3)).astype(np.float32)
+    x[..., 0] += labels[:, None]
+    mask = np.arange(L)[None] < rng.integers(2, L + 1, n)[:, None]
+    tiny = {"hidden_dim": 8, "num_blocks": 1, "num_heads": 2, "mlp_hidden": 8}
+    return TokenizerData(x, mask, labels, split_indices(n, seed=1), {"data_files": None, "per_class": 4, "seed": 1},
+                         {**TOKENIZER_DEFAULTS, "epochs": 1, "model_kw": tiny, **settings}, {})
+
+
+def test_a_classifier_is_trained_once_and_again_for_a_changed_setting_or_data(tmp_path):
+    """Before the store, the 14 classifiers of notebook 01 were trained anew on every run."""
+    from omnijet_lib.studies.tokens import classifier_run
+    from omnijet_lib.training.fit import TrainConfig
+    from omnijet_lib.training.store import ModelStore
+    from reliability.conftest import one_line_error, snapshot
+
+    d = _labelled_data()
+    store = ModelStore(tmp_path, progress=lambda m: None)
+    kw = dict(batch_size=16, train_config=TrainConfig(progress_bar=False), model_kw=TINY_CLASSIFIERS["deepsets"],
+              extra_test=[("again", d.x[:6], d.mask[:6], d.labels[:6])])
+
+    def run(x=d.x, epochs=1, store=store, **changed):
+        return classifier_run(store, "original", "deepsets", x, d.mask, d.labels, d.split, epochs, **{**kw, **changed})
+
+    acc, first = run()
+    assert first.trained and first.path.parent.name == "classifier01_deepsets_original"
+    assert set(acc) == {"test", "again"}
+    assert json.loads((first.path / "result.json").read_text()) == acc and not list(first.path.glob("*.ckpt"))
+    before = snapshot(tmp_path)
+    again, second = run()
+    assert not second.trained and second.path == first.path and again == acc and snapshot(tmp_path) == before
+    longer = run(epochs=2)[1]  # a changed setting: a new run folder, the old one stays
+    assert longer.trained and longer.path.parent == first.path.parent and longer.path != first.path
+    assert (first.path / "result.json").is_file()
+    other_jets = run(x=d.x * 1.5)[1]  # e.g. another tokenizer's reconstruction
+    assert other_jets.trained and len({first.path, longer.path, other_jets.path}) == 3
+    strict = ModelStore(tmp_path, reuse="strict", progress=lambda m: None)
+    assert not run(store=strict)[1].trained  # a match is reused
+    with one_line_error(f"{tmp_path / 'classifier01_deepsets_original'}: reuse: strict, and no run was trained with "
+                        "these settings: settings.seed is 0 in ", ", 3 requested", unchanged=tmp_path):
+        run(store=strict, seed=3)
+
+
+def test_a_representation_job_trains_tokenizer_and_classifiers_once(tmp_path):
+    """One job per representation: a rerun trains nothing; a new tokenizer means new classifiers."""
+    from omnijet_lib.studies.tokens import representation_cost, representation_study
+    from omnijet_lib.training.fit import TrainConfig
+    from omnijet_lib.training.store import ModelStore
+
+    d = _labelled_data()
+    store = ModelStore(tmp_path, progress=lambda m: None)
+    kw = dict(epochs=1, batch_size=16, train_config=TrainConfig(progress_bar=False), seed=0,
+              real=(d.x[:6], d.mask[:6], d.labels[:6]))
+    first = representation_study(store, ("conditional", 16), d, TINY_CLASSIFIERS, **kw)
+    assert first["run"].trained and first["x"].shape == d.x.shape and first["tokens"].shape == d.mask.shape
+    assert first["real"][1].shape == (6, 5, 3) and set(first["accuracy"]["transformer"]) == {"test", "real"}
+    assert {r.path.parent.name for r in first["classifier_runs"].values()} == \
+        {"classifier01_deepsets_conditional_16", "classifier01_transformer_conditional_16"}
+    again = representation_study(store, ("conditional", 16), d, TINY_CLASSIFIERS, **kw)
+    assert not again["run"].trained and not any(r.trained for r in again["classifier_runs"].values())
+    assert again["accuracy"] == first["accuracy"]
+    np.testing.assert_array_equal(again["x"], first["x"])
+    given = representation_study(store, first["tokenizer"], d, TINY_CLASSIFIERS, **kw)  # e.g. the published one
+    assert given["run"] is None and not any(r.trained for r in given["classifier_runs"].values())
+    wider = _labelled_data(per_size={16: {"model_kw": {"hidden_dim": 12}}})  # another tokenizer of the same size
+    new = representation_study(store, ("conditional", 16), wider, TINY_CLASSIFIERS, **kw)
+    assert new["run"].trained and all(r.trained for r in new["classifier_runs"].values())
+    original = representation_study(store, None, d, TINY_CLASSIFIERS, **kw)
+    assert original["tokenizer"] is None and original["run"] is None and original["tokens"] is None
+    np.testing.assert_array_equal(original["x"], d.x)
+    cost = {src: representation_cost(src, d, TINY_CLASSIFIERS, 1) for src in (("conditional", 16), None, ("binned", 27))}
+    assert cost["conditional", 16] > cost[None] == cost["binned", 27] > 0  # a binned tokenizer is fitted, not trained

@@ -2,7 +2,6 @@
 and the three training strategies (from scratch, frozen backbone, fine-tune everything)."""
 
 import json
-import re
 
 import numpy as np
 import pytest
@@ -241,47 +240,3 @@ def test_splits_are_balanced_disjoint_and_nested():
 
 def test_paper_patience():
     assert [paper_patience(n) for n in (100, 10_000, 100_000, 1_000_000, 2_000_000)] == [20, 20, 10, 10, 5]
-
-
-def backbone_jets(seed):
-    """Padded toy features for pre-training, and a binned tokenizer (K = 27) fitted on them."""
-    from omnijet_lib.training.vqvae import train_tokenizer
-
-    rng = np.random.default_rng(seed)
-    mask = np.arange(16)[None, :] < rng.integers(4, 16, 48)[:, None]
-    x = (rng.normal(0, 1, (48, 16, 3)) * mask[..., None]).astype(np.float32)
-    return x, mask, train_tokenizer("binned", x, mask, 27, epochs=0).cpu()
-
-
-def test_ensure_backbone_trains_once_then_reuses(tmp_path):
-    from omnijet_lib.studies.transfer import ensure_backbone
-    from omnijet_lib.training.vqvae import train_tokenizer
-
-    x, mask, tok = backbone_jets(0)
-    path = tmp_path / "gpt_combined" / "gpt.safetensors"
-    kw = dict(gpt_epochs=1, gpt_config=dict(n_embd=16, n_head=2, n_layer=1, ffn=32), progress=lambda m: None)
-    assert ensure_backbone(path, tok, (x, mask), **kw) == path and path.is_file()
-    model = GPTClassifier.from_pretrained(path, tokenizer_vocab=tok.vocab_size)
-    assert model.backbone_config.vocab_size == 29 and model.backbone_config.n_embd == 16
-    stamp = path.stat().st_mtime_ns
-    assert ensure_backbone(path, tok, lambda: pytest.fail("data must not be needed"), **kw) == path
-    assert path.stat().st_mtime_ns == stamp
-    other = train_tokenizer("binned", x, mask, 64, epochs=0).cpu()     # vocabulary 66: does not fit
-    with pytest.raises(OmnijetError, match=rf"^{re.escape(str(path))}: backbone vocabulary 29 does not fit the tokenizer's 66 ") as err:
-        ensure_backbone(path, other, (x, mask), **kw)
-    assert "\n" not in str(err.value) and path.stat().st_mtime_ns == stamp
-
-
-def test_ensure_backbone_own_is_retrained_when_settings_change(tmp_path):
-    from omnijet_lib.studies.transfer import ensure_backbone
-
-    x, mask, tok = backbone_jets(1)
-    path = tmp_path / "gpt_own" / "gpt.safetensors"
-    kw = dict(gpt_config=dict(n_embd=16, n_head=2, n_layer=1, ffn=32), own=True, progress=lambda m: None)
-    ensure_backbone(path, tok, (x, mask), gpt_epochs=1, **kw)
-    stamp = path.stat().st_mtime_ns
-    ensure_backbone(path, tok, (x, mask), gpt_epochs=1, **kw)
-    assert path.stat().st_mtime_ns == stamp                       # same settings: reused
-    ensure_backbone(path, tok, (x, mask), gpt_epochs=2, **kw)
-    assert path.stat().st_mtime_ns != stamp                       # other epochs: pre-trained again
-    assert '"epochs": 2' in path.with_name("gpt.run.json").read_text()

@@ -1,4 +1,9 @@
-"""Evaluating generated jets (notebook 02): backbones, decoding, the classifier test, W1 scores.
+"""The profile's generative backbones (notebooks 02-04) and evaluating generated jets: decoding,
+the classifier test, W1 scores.
+
+:func:`profile_backbone` asks the model store for a backbone from one profile value, ``backbone``
+(:data:`BACKBONE_DEFAULTS`), and the tokenizer in use: notebooks 02, 03 and 04 build the same request
+for the same model, and a changed setting, seed, tokenizer or jet sample is another model.
 
 The GPT generates token sequences; :func:`decode_generated` turns them into padded constituent
 features with the tokenizer's decoder, so they can be compared with the *reconstructed* real jets
@@ -11,17 +16,17 @@ reconstructed real jets on a 60/20/20 split; the test AUC is 0.5 for a perfect g
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import time
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ..io import OmnijetError, array_digest, changed_settings, write_json
+from ..data import CLASS_LABELS
+from ..io import OmnijetError, value_per_key
 
-__all__ = ["decode_generated", "ensure_gpt", "classifier_test", "w1_scores", "time_generation", "data_scaling"]
+__all__ = ["decode_generated", "BACKBONE_DEFAULTS", "BACKBONE_CLASSES", "BackboneData", "backbone_data",
+           "profile_backbone", "classifier_test", "w1_scores", "time_generation", "data_scaling"]
 
 
 def decode_generated(tok, seq, mask=None, max_len: int = 128) -> tuple[np.ndarray, np.ndarray]:
@@ -46,42 +51,120 @@ def decode_generated(tok, seq, mask=None, max_len: int = 128) -> tuple[np.ndarra
     return x, m
 
 
-def ensure_gpt(path, seq, seq_mask, config, epochs: int, batch_size: int = 256, train_config=None,
-               seed: int = 0, progress=print):
-    """The GPT at ``path`` (``.../gpt.safetensors``) when it exists and was trained with these
-    settings, else one trained on ``(seq, seq_mask)`` and saved there. Returns ``(model, seconds
-    spent training)``.
+#: profile ``backbone`` dict (overrides of these): the GPT backbones of notebooks 02 (q/g, t→bqq',
+#: combined, and the combined one's data-scaling variants), 03 (combined, with its tokenizer) and
+#: 04 (t→bqq'). ``per_model: {name: {epochs, dropout}}`` overrides for one backbone. The data keys
+#: ``data_files``, ``per_class`` and ``trainer`` are the notebook's own unless set; ``data_seed``
+#: (simulation; default the notebook's seed + 1, jets no notebook measures on) and ``seed`` (the
+#: training's split, initialisation and batch order; default the notebook's seed).
+BACKBONE_DEFAULTS = {
+    "gpt_config": {"n_embd": 64, "n_head": 4, "n_layer": 2, "ffn": 256},  # paper: 256, 8, 3, 1024
+    "epochs": 3,
+    "batch_size": 64,                                                   # paper: 256
+    "per_model": {},
+}
+BACKBONE_DATA_KEYS = ("data_files", "per_class", "data_seed", "seed", "trainer")
+BACKBONE_MODEL_KEYS = ("epochs", "dropout")
+#: the backbones and the jet classes each one is pre-trained on
+BACKBONE_CLASSES = {"qcd": ("QCD",), "top": ("Tbqq",), "combined": ("QCD", "Tbqq")}
 
-    The settings (``config``, epochs, batch size, seed, the training procedure and a fingerprint
-    of the sequences, so a retrained tokenizer counts) are kept next to the model in
-    ``<name>.run.json``. A model trained otherwise (or without that record) is replaced, together
-    with its checkpoints, so that training does not resume from it."""
-    from ..training.fit import TrainConfig
-    from ..training.gpt import load_gpt, train_gpt
 
-    path = Path(path)
-    record = path.with_name(path.stem + ".run.json")
-    settings = {"config": dataclasses.asdict(config), "epochs": int(epochs), "batch_size": int(batch_size),
-                "seed": int(seed), "jets": len(seq),
-                "sequences": array_digest(np.asarray(seq, np.int64), np.asarray(seq_mask, bool))[:16],
-                **(train_config or TrainConfig()).procedure}
-    if path.is_file():
-        diff = changed_settings(record, settings)
-        if not diff:
-            progress(f"loaded {path}")
-            return load_gpt(path), 0.0
-        progress(f"{path}: trained with other settings ({', '.join(diff)}); retraining")
-        for stale in [path, record, *path.parent.glob("*.ckpt")]:
-            stale.unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    model = train_gpt(seq, seq_mask, out_dir=path.parent, config=config, epochs=epochs, batch_size=batch_size,
-                      train_config=train_config, seed=seed)
-    if path.name != "gpt.safetensors":
-        os.replace(path.parent / "gpt.safetensors", path)
-    write_json(record, settings)
-    seconds = time.perf_counter() - t0
-    progress(f"trained {path} in {seconds:.0f} s")
-    return model.eval(), seconds
+@dataclass
+class BackboneData:
+    """The profile's backbones (:func:`backbone_data`): the resolved ``backbone`` dict, where their
+    jets come from, and the q/g and t→bqq' jets themselves (None when not loaded, for a dry run)."""
+
+    source: dict
+    settings: dict
+    trainer: dict             # TrainConfig overrides
+    seed: int                 # of the training
+    x: np.ndarray | None = None       # (N, L, 3)
+    mask: np.ndarray | None = None    # (N, L)
+    labels: np.ndarray | None = None  # (N,)
+    _tokens: tuple = field(default=(None, None), repr=False)
+
+    def selection(self, name: str) -> np.ndarray:
+        """(N,) bool: the jets backbone ``name`` is pre-trained on."""
+        if name not in BACKBONE_CLASSES:
+            raise OmnijetError(f"backbone {name!r} is unknown; known: {', '.join(BACKBONE_CLASSES)}")
+        return np.isin(self.labels, [CLASS_LABELS.index(c) for c in BACKBONE_CLASSES[name]])
+
+    def tokens(self, tok) -> np.ndarray:
+        """(N, L) the jets' tokens under ``tok`` (kept for the last tokenizer asked)."""
+        from ..tokenizers import tokenize
+
+        if self._tokens[0] is not tok:
+            self._tokens = (tok, tokenize(tok, self.x, self.mask))
+        return self._tokens[1]
+
+    def gpt_args(self, name: str, vocab_size: int, fraction: float = 1.0) -> tuple[str, dict]:
+        """``(store name, arguments)`` of backbone ``name`` on ``fraction`` of its jets:
+        ``config``, ``epochs``, ``batch_size``, ``train_config`` and ``seed`` of
+        :func:`~omnijet_lib.training.gpt.ensure_gpt` (and :func:`~omnijet_lib.training.gpt.gpt_settings`).
+        A fraction trains ``epochs / fraction`` epochs: the same optimiser steps."""
+        from ..models.gpt import GPTConfig
+        from ..training.fit import TrainConfig
+
+        if name not in BACKBONE_CLASSES:
+            raise OmnijetError(f"backbone {name!r} is unknown; known: {', '.join(BACKBONE_CLASSES)}")
+        if not 0 < fraction <= 1:
+            raise OmnijetError(f"backbone {name}: fraction {fraction} is not in (0, 1]")
+        own = value_per_key("backbone.per_model", self.settings["per_model"], list(BACKBONE_CLASSES), {})[name]
+        unknown = sorted(set(own) - set(BACKBONE_MODEL_KEYS))
+        if unknown:
+            raise OmnijetError(f"backbone.per_model.{name}: unknown key {unknown[0]}; known: {', '.join(BACKBONE_MODEL_KEYS)}")
+        gpt = {**self.settings["gpt_config"], **({"dropout": own["dropout"]} if "dropout" in own else {})}
+        try:
+            config = GPTConfig(vocab_size=vocab_size, **gpt)
+        except TypeError as err:
+            raise OmnijetError(f"backbone.gpt_config: {err}") from None
+        epochs = int(own.get("epochs", self.settings["epochs"]))
+        store_name = f"gpt_{name}" if fraction == 1 else f"gpt_{name}_scaling_{fraction:g}"
+        return store_name, {"config": config, "epochs": max(1, round(epochs / fraction)),
+                            "batch_size": int(self.settings["batch_size"]),
+                            "train_config": TrainConfig.from_params(self.trainer, progress_bar=False), "seed": self.seed}
+
+
+def backbone_data(backbone: dict | None, data_files=None, per_class: int = 300, seed: int = 1,
+                  trainer: dict | None = None, load: bool = True) -> BackboneData:
+    """The jets of the profile's backbones, from a notebook's parameters: its ``backbone`` dict
+    (:data:`BACKBONE_DEFAULTS`) and, where that does not set them, its own data settings. Without
+    ``load`` only the settings (for a dry run)."""
+    from ..data.features import constituent_features, to_padded
+    from ..datasets import load_dataset
+
+    backbone = dict(backbone or {})
+    unknown = sorted(set(backbone) - set(BACKBONE_DEFAULTS) - set(BACKBONE_DATA_KEYS))
+    if unknown:
+        raise OmnijetError(f"backbone: unknown key {unknown[0]}; known: {', '.join([*BACKBONE_DEFAULTS, *BACKBONE_DATA_KEYS])}")
+    files, n = backbone.get("data_files", data_files), backbone.get("per_class", per_class)
+    data_seed = backbone.get("data_seed", seed + 1)
+    source = {"data_files": files} if files is not None else {"per_class": n, "seed": data_seed}
+    data = BackboneData(source, {k: backbone.get(k, v) for k, v in BACKBONE_DEFAULTS.items()},
+                        dict(backbone.get("trainer", trainer) or {}), int(backbone.get("seed", seed)))
+    if load:
+        jets = load_dataset(files, per_class=n, seed=data_seed, classes=list(BACKBONE_CLASSES["combined"]))
+        data.x, data.mask = to_padded(constituent_features(jets))
+        data.labels = np.asarray(jets.label)
+    return data
+
+
+def profile_backbone(store, name: str, tok, tok_run, data: BackboneData, fraction: float = 1.0):
+    """``(GPT, Run)``: the profile's backbone ``name`` (:data:`BACKBONE_CLASSES`) for the tokenizer
+    ``tok`` (its store run ``tok_run``) from the model store, pre-trained there on ``data`` when the
+    store has none with exactly these settings. ``fraction`` < 1: on that share of its jets (a
+    random subset) with the same optimiser steps, for data scaling."""
+    from ..training.gpt import ensure_gpt
+
+    store_name, args = data.gpt_args(name, tok.vocab_size, fraction)
+    pick = np.flatnonzero(data.selection(name))
+    if fraction < 1:
+        rng = np.random.default_rng([data.seed, round(fraction * 1e6)])
+        pick = np.sort(rng.choice(pick, max(1, round(fraction * len(pick))), replace=False))
+    seq, seq_mask = tok.to_sequence(data.tokens(tok)[pick], data.mask[pick])
+    source = {"jets": data.source, "classes": list(BACKBONE_CLASSES[name]), "fraction": fraction,
+              "tokenizer": tok_run.settings_hash}
+    return ensure_gpt(store, store_name, seq, seq_mask, source=source, **args)
 
 
 def time_generation(model, n_jets: int, batch_size: int = 256, temperature: float = 1.0, seed: int = 0):
@@ -149,35 +232,26 @@ def w1_scores(real_x, real_mask, gen_x, gen_mask, real_obs: dict | None = None, 
     return out
 
 
-def data_scaling(tok, seq, seq_mask, real_x, real_mask, fractions, config, models_dir, epochs: int,
-                 batch_size: int, n_generate: int, generate_batch_size: int = 256, temperature: float = 1.0,
-                 seeds=(0, 1, 2), classifier_epochs: int = 100, classifier_batch_size: int = 256,
-                 train_config=None, seed: int = 0, progress=print) -> list[dict]:
-    """Classifier-test AUC against the number of pre-training jets: for each fraction ``f`` of the
-    sequences ``(seq, seq_mask)`` (a random subset), a GPT with ``config`` is trained with the
-    same number of optimizer steps as ``epochs`` over all of them (``epochs / f`` epochs, so the
-    points differ in data, not in compute), generates ``n_generate`` jets, and the classifier test
-    compares them with ``(real_x, real_mask)``. Models are kept in ``models_dir/gpt_scaling_<f>/``.
-    Returns one dict per fraction: ``fraction, train_jets, epochs, train_seconds, auc_mean, auc_std,
-    mean_multiplicity_generated``."""
-    rng = np.random.default_rng(seed)
+def data_scaling(tok, backbone, real_x, real_mask, fractions, n_generate: int, generate_batch_size: int = 256,
+                 temperature: float = 1.0, seeds=(0, 1, 2), classifier_epochs: int = 100,
+                 classifier_batch_size: int = 256, train_config=None, seed: int = 0, progress=print) -> list[dict]:
+    """Classifier-test AUC against the number of pre-training jets: for each fraction ``f``,
+    ``backbone(f)`` gives ``(GPT, Run)`` pre-trained on that share of the jets with the same
+    optimiser steps (:func:`profile_backbone`, so the points differ in data, not in compute); it
+    generates ``n_generate`` jets, and the classifier test compares them with ``(real_x,
+    real_mask)``. Returns one dict per fraction: ``fraction, train_jets, epochs, train_seconds,
+    auc_mean, auc_std, mean_multiplicity_generated`` and the model's ``run`` and ``settings_hash``."""
     out = []
     for i, f in enumerate(fractions):
-        if not 0 < f <= 1:
-            raise OmnijetError(f"data_scaling: fraction {f} is not in (0, 1]")
-        n = max(1, int(round(f * len(seq))))
-        pick = np.sort(rng.choice(len(seq), n, replace=False))
-        ep = max(1, int(round(epochs / f)))
-        model, seconds = ensure_gpt(Path(models_dir) / f"gpt_scaling_{f:g}" / "gpt.safetensors", seq[pick],
-                                    seq_mask[pick], config, epochs=ep, batch_size=batch_size,
-                                    train_config=train_config, seed=seed, progress=progress)
+        model, run = backbone(f)
+        rec = run.record()
         s, m, _ = time_generation(model, n_generate, generate_batch_size, temperature, seed=seed + 100 + i)
         gx, gm = decode_generated(tok, s, m)
         ct = classifier_test(real_x, real_mask, gx, gm, seeds=seeds, epochs=classifier_epochs,
                              batch_size=classifier_batch_size, train_config=train_config)
-        out.append({"fraction": float(f), "train_jets": int(n), "epochs": ep, "train_seconds": round(seconds, 1),
+        n, ep = rec["data"]["jets"], rec["settings"]["trainer"]["max_epochs"]
+        out.append({"fraction": float(f), "train_jets": int(n), "epochs": int(ep), "train_seconds": round(run.seconds, 1),
                     "auc_mean": ct["auc_mean"], "auc_std": ct["auc_std"],
-                    "mean_multiplicity_generated": float(gm.sum(1).mean())})
+                    "mean_multiplicity_generated": float(gm.sum(1).mean()), **run.summary()})
         progress(f"{n} pre-training jets ({ep} epochs): classifier AUC {ct['auc_mean']:.3f} ± {ct['auc_std']:.3f}")
     return out
-

@@ -10,12 +10,16 @@
   reconstructed − original.
 * :func:`codebook_usage` — fraction of codes used and perplexity of a token set.
 * :func:`classifier_accuracy` — train a 10-class classifier (DeepSets or Transformer) on one
-  representation of the jets and return its test accuracy (fig 5).
+  representation of the jets and return its test accuracy (fig 5); :func:`classifier_run` gets it
+  from the model store.
+* :func:`representation_study` — notebook 01's work for one representation (tokenizer, tokens,
+  reconstruction, classifiers) as one job; :func:`representation_cost` orders those jobs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,11 +27,12 @@ import torch
 
 from ..data.features import ANGLE_SCALE, PT_SHIFT, features_to_p4
 from ..data.jetclass import CLASS_LABELS
-from ..io import OmnijetError
+from ..io import OmnijetError, write_json
 from ..tokenizers.base import reconstruct
 
 __all__ = ["token_blobs", "to_physical", "blob_spread", "gaussian_fit", "resolution_table", "observables_of",
-           "codebook_usage", "classifier_accuracy", "RESOLUTION_OBSERVABLES", "TOKENIZER_DEFAULTS", "TokenizerData",
+           "codebook_usage", "classifier_accuracy", "classifier_run", "classifier_cost", "representation_study",
+           "representation_cost", "tokenizer_cost", "RESOLUTION_OBSERVABLES", "TOKENIZER_DEFAULTS", "TokenizerData",
            "tokenizer_data", "profile_tokenizer"]
 
 #: observables whose resolutions figs 4, 8–11 show (keys of ``jet_observables``)
@@ -168,6 +173,30 @@ def codebook_usage(tokens, mask, num_codes: int) -> dict:
 
 
 # --------------------------------------------------------------------------- fig 5
+#: Enters every fig-5 classifier's settings: bump it when a change to the model or the training makes
+#: the ``result.json`` of earlier runs invalid.
+CLASSIFIER_VERSION = 1
+
+
+def _classifier_model(arch: str, model_kw: dict | None, n_classes: int):
+    """``(model class, resolved config)`` of a fig-5 classifier."""
+    from ..models.deepsets import DeepSets, DeepSetsConfig
+    from ..models.normformer import TransformerClassifier, TransformerClassifierConfig
+
+    archs = {"deepsets": (DeepSets, DeepSetsConfig), "transformer": (TransformerClassifier, TransformerClassifierConfig)}
+    if arch not in archs:
+        raise OmnijetError(f"classifier arch {arch!r} is unknown, expected one of {sorted(archs)}")
+    model_cls, cfg_cls = archs[arch]
+    try:
+        return model_cls, cfg_cls(n_classes=n_classes, **(model_kw or {}))
+    except TypeError as err:
+        raise OmnijetError(f"{arch} classifier parameters: {err}") from None
+
+
+def _n_classes(labels) -> int:
+    return max(int(np.max(labels)) + 1, len(CLASS_LABELS))
+
+
 def classifier_accuracy(arch: str, x, mask, labels, split, epochs: int, batch_size: int = 256, lr: float = 1e-3,
                         train_config=None, seed: int = 0, model_kw: dict | None = None, extra_test=(),
                         out_dir=None):
@@ -182,19 +211,9 @@ def classifier_accuracy(arch: str, x, mask, labels, split, epochs: int, batch_si
     """
     import tempfile
 
-    from ..models.deepsets import DeepSets, DeepSetsConfig
-    from ..models.normformer import TransformerClassifier, TransformerClassifierConfig
     from ..training.classifier import predict_proba, train_classifier
 
-    archs = {"deepsets": (DeepSets, DeepSetsConfig), "transformer": (TransformerClassifier, TransformerClassifierConfig)}
-    if arch not in archs:
-        raise OmnijetError(f"classifier arch {arch!r} is unknown, expected one of {sorted(archs)}")
-    model_cls, cfg_cls = archs[arch]
-    n_classes = max(int(np.max(labels)) + 1, len(CLASS_LABELS))
-    try:
-        cfg = cfg_cls(n_classes=n_classes, **(model_kw or {}))
-    except TypeError as err:
-        raise OmnijetError(f"{arch} classifier parameters: {err}") from None
+    model_cls, cfg = _classifier_model(arch, model_kw, _n_classes(labels))
     torch.manual_seed(seed)
     model = model_cls(cfg)
     x, mask, labels = np.asarray(x, np.float32), np.asarray(mask, bool), np.asarray(labels, np.int64)
@@ -208,6 +227,102 @@ def classifier_accuracy(arch: str, x, mask, labels, split, epochs: int, batch_si
         p = predict_proba(model, np.asarray(xt, np.float32), np.asarray(mt, bool))
         acc[name] = float((p.argmax(1) == np.asarray(yt)).mean())
     return model, acc
+
+
+def classifier_run(store, representation: str, arch: str, x, mask, labels, split, epochs: int,
+                   batch_size: int = 256, lr: float = 1e-3, train_config=None, seed: int = 0,
+                   model_kw: dict | None = None, extra_test=()):
+    """``(accuracies, Run)`` of the fig-5 classifier ``classifier01_{arch}_{representation}`` from the
+    model store: :func:`classifier_accuracy` trains it (resumably, in its run folder) unless the store
+    has one trained with exactly these settings on exactly these jets (the train, validation and
+    test parts of ``x`` — the original or a tokenizer's reconstructed constituents — and the
+    ``extra_test`` samples). The accuracies are the run's ``result.json``."""
+    from ..training.fit import TrainConfig
+    from ..training.store import ModelRequest, data_identity
+
+    x, mask, labels = np.asarray(x, np.float32), np.asarray(mask, bool), np.asarray(labels, np.int64)
+    _, cfg = _classifier_model(arch, model_kw, _n_classes(labels))
+    trainer = dataclasses.replace(train_config or TrainConfig(), seed=int(seed), max_epochs=int(epochs))
+    settings = {"version": CLASSIFIER_VERSION, "arch": arch, "config": dataclasses.asdict(cfg), "epochs": int(epochs),
+                "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed), "trainer": trainer.settings}
+    parts = [a[i] for i in split for a in (x, mask, labels)] + [np.asarray(a) for _, *test in extra_test for a in test]
+    source = {"representation": representation, "split": [len(i) for i in split],
+              "extra_test": [name for name, *_ in extra_test]}
+    request = ModelRequest(f"classifier01_{arch}_{representation}", settings, data_identity(source, *parts))
+
+    def train(run_dir):
+        _, acc = classifier_accuracy(arch, x, mask, labels, split, epochs, batch_size, lr, train_config, seed,
+                                     model_kw, extra_test, out_dir=run_dir)
+        write_json(run_dir / "result.json", acc)
+        for ckpt in run_dir.glob("*.ckpt"):  # resume state only: the result is what is kept
+            ckpt.unlink()
+        return acc
+
+    return store.get(request, train=train, load=lambda run_dir: json.loads((run_dir / "result.json").read_text()))
+
+
+def _jet_passes_cost(model, jet_passes: float) -> float:
+    """What training ``model`` on ``jet_passes`` jets (jets x epochs) costs, in parameter x jet passes:
+    on one CPU core the VQ-VAEs and classifiers here take 3-9 ns per parameter and jet pass."""
+    return float(sum(p.numel() for p in model.parameters())) * jet_passes
+
+
+def classifier_cost(arch: str, train_jets: int, epochs: int, model_kw: dict | None = None) -> float:
+    """The cost of training a fig-5 classifier (:func:`_jet_passes_cost`), to start costly trainings first."""
+    model_cls, cfg = _classifier_model(arch, model_kw, len(CLASS_LABELS))
+    return _jet_passes_cost(model_cls(cfg), train_jets * epochs)
+
+
+def representation_study(store, source, data: TokenizerData, classifier_kw: dict, epochs: int,
+                         batch_size: int = 256, train_config=None, seed: int = 0, real=None) -> dict:
+    """Everything notebook 01 trains and computes for one representation of its jets, as one job that
+    can run side by side with the others (:func:`~omnijet_lib.training.parallel.side_by_side`): the
+    tokenizer, the tokens and reconstruction of all jets (and of the ``real`` sample ``(x, mask,
+    labels)``), then the fig-5 classifiers on that reconstruction (so they start as soon as their
+    tokenizer exists). ``source``: None for the original constituents, ``(kind, num_codes)`` for the
+    profile's tokenizer (:func:`profile_tokenizer`), or a tokenizer (the published one);
+    ``classifier_kw``: ``{arch: model_kw}`` (:func:`classifier_run`, named by the representation).
+
+    Returns ``{"tokenizer", "run" (the tokenizer's, None when not from the store), "tokens", "x",
+    "real" ((tokens, x) of the real sample, or None), "accuracy": {arch: accuracies},
+    "classifier_runs": {arch: Run}, "seconds"}``."""
+    import time
+
+    from ..tokenizers.base import tokenize
+
+    t0 = time.perf_counter()
+    if source is None:
+        tok, run = None, None
+    elif isinstance(source, tuple):
+        tok, run = profile_tokenizer(store, *source, data)
+    else:
+        tok, run = source, None
+
+    def represent(x, mask):
+        if tok is None:
+            return None, np.asarray(x, np.float32)
+        tokens = tokenize(tok, x, mask)
+        return tokens, reconstruct(tok, tokens, mask)
+
+    tokens, x = represent(data.x, data.mask)
+    real_rep = represent(real[0], real[1]) if real is not None else None
+    name = "original" if tok is None else f"{tok.kind}_{tok.num_codes}"
+    extra = [("real", real_rep[1], real[1], real[2])] if real is not None else []
+    accuracy, runs = {}, {}
+    for arch, kw in classifier_kw.items():
+        accuracy[arch], runs[arch] = classifier_run(store, name, arch, x, data.mask, data.labels, data.split, epochs,
+                                                    batch_size, train_config=train_config, seed=seed, model_kw=kw,
+                                                    extra_test=extra)
+    return {"tokenizer": tok, "run": run, "tokens": tokens, "x": x, "real": real_rep, "accuracy": accuracy,
+            "classifier_runs": runs, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def representation_cost(source, data: TokenizerData, classifier_kw: dict, epochs: int) -> float:
+    """The cost of :func:`representation_study` in a fresh store (:func:`_jet_passes_cost`): the
+    tokenizer's training and the classifiers'."""
+    train_jets = len(data.split[0])
+    cost = sum(classifier_cost(arch, train_jets, epochs, kw) for arch, kw in classifier_kw.items())
+    return cost + (tokenizer_cost(*source, data) if isinstance(source, tuple) else 0.0)
 
 
 # --------------------------------------------------------------------------- the profile's tokenizers
@@ -328,3 +443,15 @@ def profile_tokenizer(store, kind: str, num_codes: int, data: TokenizerData, pro
     if tok.num_codes != num_codes:
         raise OmnijetError(f"{run.path}: holds {tok.num_codes} codes, the profile asks for {num_codes}")
     return tok.cpu().eval(), run
+
+
+def tokenizer_cost(kind: str, num_codes: int, data: TokenizerData) -> float:
+    """The cost of training the profile's ``kind`` tokenizer of size ``num_codes`` on ``data``
+    (:func:`profile_tokenizer`; parameters x jet passes, see :func:`_jet_passes_cost`); 0 for a binned one."""
+    from ..training.vqvae import make_tokenizer
+
+    if kind == "binned":
+        return 0.0
+    size = data.size_settings(num_codes)
+    jets = len(data.split[0]) + len(CLASS_LABELS) * size["extra_per_class"]  # the training split and extra jets
+    return _jet_passes_cost(make_tokenizer(kind, num_codes, **size["model_kw"]), jets * size["epochs"])

@@ -19,8 +19,6 @@ import torch
 
 from ..io import OmnijetError, file_sha256, write_json
 from ..models.classifier import backbone_config_of
-from ..models.gpt import GPTConfig
-from ..training.fit import TrainConfig
 from ..training.gpt import check_sequences
 from ..training.store import ModelRequest, ModelStore, data_identity
 from ..training.transfer import STRATEGIES, evaluate, paper_patience, train_transfer
@@ -215,41 +213,3 @@ def summarize(results: list[dict], metrics=("accuracy", "auc")) -> dict:
                 row[f"{m}_mean"], row[f"{m}_std"] = float(v.mean()), float(v.std())
             table[strategy][size] = row
     return table
-
-
-# ---------------------------------------------------------------------------- backbone
-def ensure_backbone(backbone_path, tok, pretrain_data, gpt_config: dict | None = None, gpt_epochs: int = 10,
-                    gpt_batch_size: int = 256, trainer: dict | None = None, seed: int = 1, own: bool = False,
-                    progress=print) -> Path:
-    """The pre-trained backbone for transfer learning with the tokenizer ``tok``: its path.
-
-    An existing ``backbone_path`` (e.g. notebook 02's ``gpt_combined``) is used as it is; its
-    vocabulary must be ``tok.vocab_size``. Otherwise it is pre-trained here (next-token prediction,
-    :func:`~omnijet_lib.studies.generation.ensure_gpt` with ``GPTConfig(vocab_size=tok.vocab_size,
-    **gpt_config)``) on ``pretrain_data`` (``(x, mask)`` padded features, or a callable returning
-    them) tokenized with ``tok``; the training resumes when interrupted. With ``own`` the backbone
-    belongs to this study: an existing one is kept only if it was pre-trained with these settings
-    and data (:func:`ensure_gpt`'s record), and is pre-trained again otherwise — never set it for
-    another notebook's model.
-    """
-    from .generation import ensure_gpt
-    from ..tokenizers import tokenize
-
-    backbone_path = Path(backbone_path)
-    if backbone_path.is_file() and not own:
-        vocab = backbone_config_of(backbone_path).vocab_size
-        if vocab != tok.vocab_size:
-            raise OmnijetError(f"{backbone_path}: backbone vocabulary {vocab} does not fit the tokenizer's "
-                               f"{tok.vocab_size} ({tok.num_codes} codes + start/stop); pre-train it with this "
-                               "tokenizer (notebook 02) or set backbone_path")
-        progress(f"backbone {backbone_path} (vocabulary {vocab})")
-        return backbone_path
-
-    x, mask = pretrain_data() if callable(pretrain_data) else pretrain_data
-    seq, seq_mask = tok.to_sequence(tokenize(tok, x, mask), mask)
-    if not backbone_path.is_file():
-        progress(f"no backbone at {backbone_path}: pre-training a GPT (vocabulary {tok.vocab_size}) on {len(x)} jets")
-    cfg = TrainConfig.from_params({"progress_bar": False, **(trainer or {})})
-    ensure_gpt(backbone_path, seq, seq_mask, GPTConfig(vocab_size=tok.vocab_size, **(gpt_config or {})),
-               epochs=gpt_epochs, batch_size=gpt_batch_size, train_config=cfg, seed=seed, progress=progress)
-    return backbone_path

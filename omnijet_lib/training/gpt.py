@@ -21,8 +21,12 @@ from ..io import OmnijetError, load_model, save_model
 from ..models.gpt import GPT, GPTConfig
 from .batching import PaddedDataset, make_loader
 from .fit import TrainConfig, first_epoch_factor, fit, lr_scheduler, one_cycle
+from .store import ModelRequest, ModelStore, data_identity
 
-__all__ = ["GPTModule", "train_gpt", "load_gpt", "check_sequences"]
+__all__ = ["GPTModule", "train_gpt", "load_gpt", "check_sequences", "gpt_settings", "ensure_gpt", "GPT_FILE"]
+
+GPT_FILE = "gpt.safetensors"  # the weights in a run folder
+
 
 class GPTModule(pl.LightningModule):
     """Lightning wrapper: next-token cross-entropy, AdamW; ``loss_over_padding``: the official
@@ -133,8 +137,31 @@ def train_gpt(seq, seq_mask, out_dir: str | os.PathLike, config: GPTConfig | Non
                        targets_per_jet=float(np.asarray(seq_mask[train])[:, 1:].sum(1).mean()) if len(train) else None)
     module = fit(module, train_loader, val_loader, out_dir=out_dir, config=cfg)
     model = module.model.cpu().eval()
-    save_model(Path(out_dir) / "gpt.safetensors", model)
+    save_model(Path(out_dir) / GPT_FILE, model)
     return model
+
+
+def gpt_settings(config: GPTConfig, epochs: int | None = None, batch_size: int = 256,
+                 train_config: TrainConfig | None = None, seed: int = 0, lr: float = 1e-3) -> tuple[dict, TrainConfig]:
+    """``(settings, train config)``: everything besides the sequences that decides what
+    :func:`train_gpt` gives, as the model store records it."""
+    cfg = dataclasses.replace(train_config or TrainConfig(), seed=seed,
+                              **({"max_epochs": epochs} if epochs is not None else {}))
+    return {"config": dataclasses.asdict(config), "batch_size": int(batch_size), "lr": lr, "trainer": cfg.settings}, cfg
+
+
+def ensure_gpt(store: ModelStore, name: str, seq, seq_mask, config: GPTConfig, source: dict,
+               epochs: int | None = None, batch_size: int = 256, train_config: TrainConfig | None = None,
+               seed: int = 0, lr: float = 1e-3):
+    """``(GPT, Run)``: the GPT ``name`` of ``store`` trained with exactly these settings on exactly
+    these sequences (``source`` says where they come from), trained there (resumably) when there
+    is none; :func:`train_gpt`'s arguments."""
+    settings, cfg = gpt_settings(config, epochs, batch_size, train_config, seed, lr)
+    request = ModelRequest(name, settings, data_identity(source, np.asarray(seq, np.int64), np.asarray(seq_mask, bool)))
+    return store.get(request,
+                     train=lambda run: train_gpt(seq, seq_mask, run, config=config, batch_size=batch_size,
+                                                 train_config=cfg, seed=seed, lr=lr),
+                     load=lambda run: load_gpt(run / GPT_FILE, vocab_size=config.vocab_size))
 
 
 def load_gpt(path: str | os.PathLike, vocab_size: int | None = None, device: str = "cpu") -> GPT:

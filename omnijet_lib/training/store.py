@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..io import OmnijetError, array_digest, exclusive_lock, write_json
+from ..io import OmnijetError, array_digest, as_json, exclusive_lock, write_json
 
 __all__ = ["ModelRequest", "ModelStore", "Run", "data_identity", "settings_hash", "REUSE_MODES"]
 
@@ -38,17 +38,9 @@ RUN_RECORD = "run.json"
 REUSE_MODES = ("auto", "strict")
 
 
-def _plain(obj: Any) -> Any:
-    """``obj`` as JSON gives it back (tuples become lists, numpy numbers plain, paths text): the form
-    settings are recorded, hashed and compared in."""
-    from ..io import _json_default
-
-    return json.loads(json.dumps(obj, sort_keys=True, default=_json_default))
-
-
 def settings_hash(settings: dict, data: dict) -> str:
     """The first 16 hex digits of the sha256 of the settings and the data identity."""
-    text = json.dumps({"settings": _plain(settings), "data": _plain(data)}, sort_keys=True)
+    text = json.dumps({"settings": as_json(settings), "data": as_json(data)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -56,7 +48,7 @@ def data_identity(source: dict, *arrays) -> dict:
     """The identity of a model's training data: ``source`` says where it came from (simulation
     settings, or files with size and fingerprint, and the selection), the digest is of the arrays
     themselves, so any change of the jets a model sees counts."""
-    return {"source": _plain(source), "jets": int(len(arrays[0])) if arrays else 0,
+    return {"source": as_json(source), "jets": int(len(arrays[0])) if arrays else 0,
             "digest": array_digest(*arrays)[:16]}
 
 
@@ -94,6 +86,10 @@ class Run:
             path = Path(os.path.relpath(path, relative_to))
         return {"run": str(path), "settings_hash": self.settings_hash, "trained_here": self.trained}
 
+    def record(self) -> dict:
+        """The run's ``run.json``: its settings, data identity, library version and training time."""
+        return _record(self.path) or {}
+
 
 class ModelStore:
     """The models of ``root`` (a profile's ``models_dir``)."""
@@ -112,7 +108,7 @@ class ModelStore:
         rec = _record(path)
         if not (rec and rec.get("complete")):
             return None
-        if _plain(rec.get("settings")) != _plain(request.settings) or _plain(rec.get("data")) != _plain(request.data):
+        if as_json(rec.get("settings")) != as_json(request.settings) or as_json(rec.get("data")) != as_json(request.data):
             raise OmnijetError(f"{path / RUN_RECORD}: records other settings than its folder's hash says; "
                                "a damaged or hand-edited record (delete the folder)")
         return Run(path, request.hash, False, float(rec.get("seconds", 0.0)))
@@ -125,6 +121,11 @@ class ModelStore:
             if rec and rec.get("complete"):
                 out.append({**rec, "path": str(d)})
         return sorted(out, key=lambda r: r.get("trained_at", ""), reverse=True)
+
+    def with_settings(self, name: str, settings: dict) -> list[dict]:
+        """The finished runs of ``name`` trained with exactly ``settings`` (on whichever jets), newest
+        first: what a dry run can tell before the jets are loaded."""
+        return [r for r in self.runs(name) if as_json(r.get("settings")) == as_json(settings)]
 
     def plan(self, request: ModelRequest) -> str:
         """``reuse``, ``resume`` (an interrupted training in its folder) or ``train``: what
@@ -152,8 +153,8 @@ class ModelStore:
     def _train(self, request: ModelRequest, path: Path, train: Callable[[Path], Any]):
         what = "resuming" if (path / RUN_RECORD).is_file() else "training"
         self.progress(f"{request.name}: {what} in {path}")
-        record = {"name": request.name, "settings_hash": request.hash, "settings": _plain(request.settings),
-                  "data": _plain(request.data), "library_version": _library_version(), "complete": False}
+        record = {"name": request.name, "settings_hash": request.hash, "settings": as_json(request.settings),
+                  "data": as_json(request.data), "library_version": _library_version(), "complete": False}
         write_json(path / RUN_RECORD, record)
         t0 = time.perf_counter()
         model = train(path)
@@ -170,7 +171,7 @@ class ModelStore:
             return f"{where}, and no finished run of it exists (reuse: auto would train it)"
         newest = runs[0]
         old = _flat({"settings": newest["settings"], "data": newest["data"]})
-        new = _flat({"settings": _plain(request.settings), "data": _plain(request.data)})
+        new = _flat({"settings": as_json(request.settings), "data": as_json(request.data)})
         key = next(k for k in sorted(set(old) | set(new), key=_order) if old.get(k, _NONE) != new.get(k, _NONE))
         return (f"{where}, and no run was trained with these settings: {key} is {_shown(old.get(key, _NONE))} "
                 f"in {newest['path']}, {_shown(new.get(key, _NONE))} requested")

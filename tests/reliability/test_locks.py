@@ -201,8 +201,7 @@ def test_training_into_a_run_folder_in_use_waits_for_it(tmp_path, capsys):
     assert f"{out}: in use by process {pid} on " in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("action", [["fetch", "--dest", "{dest}", "--url", "http://127.0.0.1:9/never-asked"],
-                                    ["convert", "{src}", "{dest}"]])
+@pytest.mark.parametrize("action", [["fetch", "--dest", "{dest}", "--url", "http://127.0.0.1:9/never-asked"]])
 def test_checkpoints_into_a_folder_in_use_stop_with_one_line(tmp_path, action, capsys):
     src = tmp_path / "published"
     for rel in ("vqvae_8192_tokens/model_ckpt.ckpt", "generative_8192_tokens/OmniJet_generative_model_x.ckpt"):

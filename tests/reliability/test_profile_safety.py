@@ -142,14 +142,20 @@ CATALOGUE = {
     "not_utf8": (b"common: {figures_dir: \xff}\n", "invalid YAML (unacceptable character #x00ff"),
     "huge_file": ("# padding\n" * 120_000, "more than 1024 kB; a parameter profile is a few kB of YAML"),
     # dict parameters: their keys and values against the config class that takes them
-    "gpt_config_unknown_key": ("02_generation:\n  gpt_config: {n_emb: 64}\n",
-                               "section 02_generation: gpt_config.n_emb: unknown key; known: n_embd, n_head, n_layer, "
-                               "ffn, dropout, max_len"),
-    "gpt_config_set_by_notebook": ("03_transfer_learning:\n  gpt_config: {vocab_size: 10}\n",
-                                   "section 03_transfer_learning: gpt_config.vocab_size: unknown key"),
-    "gpt_config_wrong_type": ("02_generation:\n  gpt_config: {n_embd: '64'}\n",
-                              "section 02_generation: gpt_config.n_embd must be int, got str '64' (text in YAML: "
-                              "write it without quotes)"),
+    "gpt_config_unknown_key": ("common:\n  backbone: {gpt_config: {n_emb: 64}}\n",
+                               "section common: backbone.gpt_config.n_emb: unknown key; known: n_embd, n_head, "
+                               "n_layer, ffn, dropout, max_len"),
+    "gpt_config_set_by_notebook": ("03_transfer_learning:\n  backbone: {gpt_config: {vocab_size: 10}}\n",
+                                   "section 03_transfer_learning: backbone.gpt_config.vocab_size: unknown key"),
+    "gpt_config_wrong_type": ("02_generation:\n  backbone: {gpt_config: {n_embd: '64'}}\n",
+                              "section 02_generation: backbone.gpt_config.n_embd must be int, got str '64' (text in "
+                              "YAML: write it without quotes)"),
+    "backbone_unknown_key": ("common:\n  backbone: {epoch: 3}\n",
+                             "section common: backbone.epoch: unknown key; known: gpt_config, epochs, batch_size,"),
+    "reuse_unknown_word": ("common:\n  reuse: strikt\n", "section common: reuse must be auto or strict, got 'strikt'"),
+    "epic_config_unknown_word": ("04_epic_fm_comparison:\n  epic_config: heavy\n",
+                                 "epic_config must be light or jetclass, got 'heavy'"),
+    "gpt_config_outside_backbone": ("02_generation:\n  gpt_config: {n_embd: 64}\n", "gpt_config"),
     "trainer_unknown_key": ("common:\n  trainer: {max_epoch: 3}\n",
                             "section common: trainer.max_epoch: unknown key; known: procedure, max_epochs, max_steps,"),
     "trainer_wrong_type": ("05_token_explorer:\n  trainer: {precision: {bits: 16}}\n",
@@ -212,12 +218,16 @@ def test_schemas_are_the_config_classes_fields():
         return {f.name for f in dataclasses.fields(cls)}
 
     schemas = figures._dict_schemas()
-    assert set(schemas["gpt_config"]) == names(GPTConfig) - {"vocab_size"}
+    assert set(schemas["backbone"]["gpt_config"]) == names(GPTConfig) - {"vocab_size"}
     assert set(schemas["tokenizer"]["model_kw"]) == names(VQVAEConfig) - {"conditional", "num_codes"}
     from omnijet_lib.studies.tokens import TOKENIZER_DATA_KEYS, TOKENIZER_DEFAULTS, TOKENIZER_SIZE_KEYS
 
     assert set(schemas["tokenizer"]) == set(TOKENIZER_DEFAULTS) | set(TOKENIZER_DATA_KEYS)
     assert set(schemas["tokenizer"]["per_size"].schema) == set(TOKENIZER_SIZE_KEYS)
+    from omnijet_lib.studies.generation import BACKBONE_DATA_KEYS, BACKBONE_DEFAULTS, BACKBONE_MODEL_KEYS
+
+    assert set(schemas["backbone"]) == set(BACKBONE_DEFAULTS) | set(BACKBONE_DATA_KEYS)
+    assert set(schemas["backbone"]["per_model"].schema) == set(BACKBONE_MODEL_KEYS)
     assert set(schemas["trainer"]) == names(TrainConfig) | {"procedure"}
     assert schemas["trainer"]["patience"] == ("int", "None")
     assert schemas["trainer"]["limit_train_batches"] == ("int", "float")
