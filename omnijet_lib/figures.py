@@ -879,22 +879,24 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
     return runs
 
 
-def _tokenizer_runs(p: dict, n: int, kind: str, num_codes) -> list[tuple[str, str, float, int, int]]:
+def _tokenizer_runs(p: dict, n: int, kind: str, num_codes) -> list[tuple]:
     """The training of the profile's ``kind`` tokenizer of size ``num_codes`` (the same model for
-    every notebook: whichever needs it first trains it), from the ``tokenizer`` dict as
-    :func:`omnijet_lib.studies.tokens.tokenizer_data` reads it; none for a binned one."""
-    from .studies.tokens import TOKENIZER_DEFAULTS
+    every notebook: whichever needs it first trains it) as
+    :func:`omnijet_lib.studies.tokens.profile_tokenizer` asks the store for it (90% of the training
+    split, 60% of the jets, trains), and whether the store has it; none for a binned one."""
+    from .data.jetclass import CLASS_LABELS
+    from .studies.tokens import TOKENIZER_SPLIT, tokenizer_data
 
     if kind == "binned" or num_codes is None:
         return []
-    tok = {**TOKENIZER_DEFAULTS, **(p.get("tokenizer") or {})}
-    own = {str(k): v for k, v in tok["per_size"].items()}.get(str(num_codes), {})
-    per_class = tok.get("per_class", p.get("per_class", 300))
-    jets = 10 * per_class if tok.get("data_files", p.get("data_files")) is None else n
-    extra = 10 * own.get("extra_per_class", tok["extra_per_class"])
+    data = tokenizer_data(p.get("tokenizer"), p.get("data_files"), p.get("per_class", 300), p.get("seed", 1),
+                          p.get("trainer"), load=False)
+    name, settings, _, epochs = data.request(kind, num_codes)
+    jets = len(CLASS_LABELS) * data.source["per_class"] if "per_class" in data.source else n
+    extra = len(CLASS_LABELS) * data.size_settings(num_codes)["extra_per_class"]
     return [(f"VQ-VAE {kind} K={num_codes} (the profile's; trained once, by the first notebook that needs it)",
-             "vqvae", 0.9 * (0.6 * jets + extra), own.get("epochs", tok["epochs"]), tok["batch_size"],
-             tok.get("trainer", p.get("trainer")))]
+             "vqvae", 0.9 * (TOKENIZER_SPLIT[0] * jets + extra), epochs, settings["batch_size"], data.trainer,
+             _in_store(p, name, settings))]
 
 
 def _backbone_runs(p: dict, n: int, name: str, fraction: float = 1.0) -> list[tuple]:

@@ -269,3 +269,26 @@ def test_a_representation_job_trains_tokenizer_and_classifiers_once(tmp_path):
     np.testing.assert_array_equal(original["x"], d.x)
     cost = {src: representation_cost(src, d, TINY_CLASSIFIERS, 1) for src in (("conditional", 16), None, ("binned", 27))}
     assert cost["conditional", 16] > cost[None] == cost["binned", 27] > 0  # a binned tokenizer is fitted, not trained
+
+
+def test_the_dry_run_asks_the_store_for_the_tokenizers(tmp_path):
+    """--dry-run builds each tokenizer's settings as profile_tokenizer does and says whether the store has it."""
+    from omnijet_lib.figures import _tokenizer_runs
+    from omnijet_lib.studies.tokens import profile_tokenizer, tokenizer_data
+    from omnijet_lib.training.store import ModelStore
+
+    tiny = {"hidden_dim": 8, "num_blocks": 1, "num_heads": 2, "mlp_hidden": 8}
+    p = {"models_dir": str(tmp_path), "per_class": 2, "seed": 1, "tokenizer": {"epochs": 1, "model_kw": tiny}}
+    [(label, _, jets, epochs, batch, _, status)] = _tokenizer_runs(p, 0, "conditional", 16)
+    assert label.startswith("VQ-VAE conditional K=16") and (epochs, batch) == (1, 512) and status == "store: trains it"
+    assert jets == pytest.approx(0.9 * 0.6 * 20)
+    data = tokenizer_data(p["tokenizer"], None, 2, 1, None, load=False)
+    data.x = np.random.default_rng(0).normal(0, 1, (20, 5, 3)).astype(np.float32)
+    data.mask, data.labels = np.ones((20, 5), bool), np.zeros(20, int)
+    data.split = [np.arange(20), np.arange(0), np.arange(0)]
+    _, run = profile_tokenizer(ModelStore(tmp_path, progress=lambda m: None), "conditional", 16, data)
+    assert _tokenizer_runs(p, 0, "conditional", 16)[0][-1] == \
+        f"store: reuses tokenizer_conditional_16/{run.path.name} if its jets match"
+    other = {**p, "tokenizer": {**p["tokenizer"], "epochs": 2}}
+    assert _tokenizer_runs(other, 0, "conditional", 16)[0][-1] == \
+        "store: trains it; 1 run(s) of tokenizer_conditional_16 with other settings"

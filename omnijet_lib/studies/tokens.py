@@ -351,10 +351,10 @@ class TokenizerData:
     """The jets of a profile's tokenizers (:func:`tokenizer_data`): padded features, labels, the
     60/20/20 split and where they come from."""
 
-    x: np.ndarray         # (N, L, 3)
-    mask: np.ndarray      # (N, L)
-    labels: np.ndarray    # (N,)
-    split: list           # train, val, test indices
+    x: np.ndarray | None      # (N, L, 3); None: not loaded (a dry run)
+    mask: np.ndarray | None   # (N, L)
+    labels: np.ndarray | None  # (N,)
+    split: list | None        # train, val, test indices
     source: dict          # data_files / per_class / seed
     settings: dict        # the resolved profile tokenizer dict
     trainer: dict         # TrainConfig overrides for the tokenizer trainings
@@ -366,6 +366,25 @@ class TokenizerData:
         return {"epochs": own.get("epochs", self.settings["epochs"]),
                 "model_kw": {**self.settings["model_kw"], **own.get("model_kw", {})},
                 "extra_per_class": own.get("extra_per_class", self.settings["extra_per_class"])}
+
+    def request(self, kind: str, num_codes: int) -> tuple[str, dict, dict, int]:
+        """``(store name, settings, model_kw, epochs)`` of the profile's ``kind`` tokenizer of size
+        ``num_codes``: what :func:`profile_tokenizer` asks the store for, the jets aside."""
+        import dataclasses as dc
+
+        from ..training.fit import TrainConfig
+        from ..training.vqvae import tokenizer_config
+
+        name = f"tokenizer_{kind}_{int(num_codes)}"
+        if kind == "binned":
+            return name, {"kind": kind, "bins": round(num_codes ** (1 / 3))}, {}, 0
+        train_config = TrainConfig.from_params(self.trainer, progress_bar=False)
+        size = self.size_settings(num_codes)
+        model_kw = {"quantize_padding": train_config.quantize_padding, **size["model_kw"]}
+        settings = {"kind": kind, "config": dc.asdict(tokenizer_config(kind, num_codes, **model_kw)),
+                    "epochs": int(size["epochs"]), "batch_size": int(self.settings["batch_size"]),
+                    "seed": int(self.source["seed"]), "val_fraction": 0.1, "trainer": train_config.settings}
+        return name, settings, model_kw, size["epochs"]
 
     def training_jets(self, kind: str, num_codes: int) -> tuple[np.ndarray, np.ndarray, dict]:
         """``(x, mask, source)`` a tokenizer trains on: the training split, plus for a VQ-VAE the
@@ -389,9 +408,10 @@ class TokenizerData:
 
 
 def tokenizer_data(tokenizer: dict | None, data_files=None, per_class: int = 300, seed: int = 1,
-                   trainer: dict | None = None) -> TokenizerData:
+                   trainer: dict | None = None, load: bool = True) -> TokenizerData:
     """The jets of the profile's tokenizers, from a notebook's parameters: its ``tokenizer`` dict
-    (:data:`TOKENIZER_DEFAULTS`) and, where that does not set them, its own data settings."""
+    (:data:`TOKENIZER_DEFAULTS`) and, where that does not set them, its own data settings. Without
+    ``load`` only the settings (for a dry run)."""
     from ..data.features import constituent_features, to_padded
     from ..datasets import load_dataset
     from ..training.classifier import split_indices
@@ -403,37 +423,29 @@ def tokenizer_data(tokenizer: dict | None, data_files=None, per_class: int = 300
                            f"{', '.join([*TOKENIZER_DEFAULTS, *TOKENIZER_DATA_KEYS])}")
     files, n, seed = tokenizer.get("data_files", data_files), tokenizer.get("per_class", per_class), tokenizer.get("seed", seed)
     source = {"data_files": files, "seed": seed, **({"per_class": n} if files is None else {})}  # seed: the split too
-    jets = load_dataset(files, per_class=n, seed=seed)
-    x, mask = to_padded(constituent_features(jets))
     settings = {k: tokenizer.get(k, v) for k, v in TOKENIZER_DEFAULTS.items()}
-    return TokenizerData(x, mask, np.asarray(jets.label), split_indices(len(x), TOKENIZER_SPLIT, seed=seed),
-                         source, settings, dict(tokenizer.get("trainer", trainer) or {}))
+    data = TokenizerData(None, None, None, None, source, settings, dict(tokenizer.get("trainer", trainer) or {}))
+    if load:
+        jets = load_dataset(files, per_class=n, seed=seed)
+        data.x, data.mask = to_padded(constituent_features(jets))
+        data.labels, data.split = np.asarray(jets.label), split_indices(len(data.x), TOKENIZER_SPLIT, seed=seed)
+    return data
 
 
 def profile_tokenizer(store, kind: str, num_codes: int, data: TokenizerData, progress=print):
     """``(tokenizer, Run)``: the profile's ``kind`` tokenizer of codebook size ``num_codes`` from the
     model store, trained there on ``data`` when the store has none with exactly these settings.
     Binned tokenizers (``num_codes`` = bins³) fit their ranges instead of training."""
-    import dataclasses as dc
-
     from ..tokenizers.base import load_tokenizer
     from ..training.fit import TrainConfig
     from ..training.store import ModelRequest, data_identity
-    from ..training.vqvae import make_tokenizer, train_tokenizer
+    from ..training.vqvae import train_tokenizer
 
     x, mask, source = data.training_jets(kind, num_codes)
+    name, settings, model_kw, epochs = data.request(kind, num_codes)
     train_config = TrainConfig.from_params(data.trainer, progress_bar=False)
     seed = int(data.source["seed"])
-    if kind == "binned":
-        bins = round(num_codes ** (1 / 3))
-        settings, model_kw, epochs = {"kind": kind, "bins": bins}, {}, 0
-    else:
-        size = data.size_settings(num_codes)
-        model_kw, epochs = {"quantize_padding": train_config.quantize_padding, **size["model_kw"]}, size["epochs"]
-        settings = {"kind": kind, "config": dc.asdict(make_tokenizer(kind, num_codes, **model_kw).config),
-                    "epochs": int(epochs), "batch_size": int(data.settings["batch_size"]), "seed": seed,
-                    "val_fraction": 0.1, "trainer": train_config.settings}
-    request = ModelRequest(f"tokenizer_{kind}_{int(num_codes)}", settings, data_identity(source, x, mask))
+    request = ModelRequest(name, settings, data_identity(source, x, mask))
     tok, run = store.get(
         request,
         train=lambda run_dir: train_tokenizer(kind, x, mask, num_codes, epochs=epochs,

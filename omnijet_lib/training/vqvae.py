@@ -123,10 +123,8 @@ class VQVAEModule(pl.LightningModule):
 
 
 # --------------------------------------------------------------------------- entry point
-def make_tokenizer(kind: str, num_codes: int | None = None, **model_kw):
-    """An untrained tokenizer of ``kind`` ("conditional", "unconditional", "binned").
-
-    For "binned", ``bins`` (per feature) may be given; otherwise ``num_codes`` must be a cube."""
+def tokenizer_config(kind: str, num_codes: int | None = None, **model_kw):
+    """The config of an untrained tokenizer of ``kind`` (:func:`make_tokenizer`), without building it."""
     if kind not in TOKENIZER_KINDS:
         raise OmnijetError(f"tokenizer kind {kind!r} is unknown, expected one of {TOKENIZER_KINDS}")
     if kind == "binned":
@@ -137,14 +135,21 @@ def make_tokenizer(kind: str, num_codes: int | None = None, **model_kw):
             bins = round(num_codes ** (1 / 3))
         if num_codes is not None and bins ** 3 != num_codes:
             raise OmnijetError(f"binned tokenizer: num_codes {num_codes} is not bins³ (bins={bins})")
-        return BinnedTokenizer(BinnedConfig(bins=int(bins), **model_kw))
+        return BinnedConfig(bins=int(bins), **model_kw)
     if num_codes is None or num_codes < 1:
         raise OmnijetError(f"num_codes must be a positive integer, got {num_codes}")
     try:
-        cfg = VQVAEConfig(conditional=kind == "conditional", num_codes=int(num_codes), **model_kw)
+        return VQVAEConfig(conditional=kind == "conditional", num_codes=int(num_codes), **model_kw)
     except TypeError as err:
         raise OmnijetError(f"tokenizer parameters: {err}") from None
-    return VQVAE(cfg)
+
+
+def make_tokenizer(kind: str, num_codes: int | None = None, **model_kw):
+    """An untrained tokenizer of ``kind`` ("conditional", "unconditional", "binned").
+
+    For "binned", ``bins`` (per feature) may be given; otherwise ``num_codes`` must be a cube."""
+    config = tokenizer_config(kind, num_codes, **model_kw)
+    return BinnedTokenizer(config) if kind == "binned" else VQVAE(config)
 
 
 def train_tokenizer(kind: str, x, mask, num_codes: int | None, epochs: int, batch_size: int = 512,
