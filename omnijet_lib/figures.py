@@ -892,7 +892,12 @@ def _tokenizer_runs(p: dict, n: int, kind: str, num_codes) -> list[tuple]:
     data = tokenizer_data(p.get("tokenizer"), p.get("data_files"), p.get("per_class", 300), p.get("seed", 1),
                           p.get("trainer"), load=False)
     name, settings, _, epochs = data.request(kind, num_codes)
-    jets = len(CLASS_LABELS) * data.source["per_class"] if "per_class" in data.source else n
+    if "per_class" in data.source:
+        jets = len(CLASS_LABELS) * data.source["per_class"]
+    elif data.source["data_files"] != p.get("data_files"):  # files of its own, the same in every notebook
+        jets = _data({"data_files": data.source["data_files"]})[0]
+    else:
+        jets = n
     extra = len(CLASS_LABELS) * data.size_settings(num_codes)["extra_per_class"]
     return [(f"VQ-VAE {kind} K={num_codes} (the profile's; trained once, by the first notebook that needs it)",
              "vqvae", 0.9 * (TOKENIZER_SPLIT[0] * jets + extra), epochs, settings["batch_size"], data.trainer,

@@ -340,9 +340,13 @@ def test_paper_profile_dry_run_prints_sizes_steps_and_gpu_hours(capsys):
     # the paper's JetClass files, sized by their official names before they are downloaded
     assert "train_100M/*_00[0-5].root (official JetClass names: 60 files, 6000000 jets once downloaded)" in out
     # the official step counts: 100 epochs of 5850 tokenizer steps, 7800 GPT steps per epoch
-    assert ("VQ-VAE conditional K=8192 (the profile's; trained once, by the first notebook that needs it): "
+    assert ("VQ-VAE conditional K=8192 (the profile's; trained once, by the first notebook that needs it) "
+            "[store: trains it]: "
             "3240000 jets x 100 epochs, batch 512: 585000 steps") in out
-    assert "GPT q/g + t->bqq': 3600000 jets x 30 epochs, batch 256: 234000 steps" in out
+    assert ("GPT combined (the profile's backbone; trained once, by the first notebook that needs it) "
+            "[store: trains it]: 3600000 jets x 30 epochs, batch 256: 234000 steps") in out
+    # the profile's tokenizer trains on its own files: the same cost in every notebook that asks for it
+    assert len({line for line in out.splitlines() if "VQ-VAE conditional K=8192" in line}) == 1
     assert "embedded simulation" not in out.split("[01_token_quality]")[1].split("[05_token_explorer]")[0]
     assert out.rstrip().splitlines()[-1].startswith("total: ~") and "GPU-h" in out
 

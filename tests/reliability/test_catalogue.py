@@ -449,8 +449,8 @@ def test_tokenize_catalogue(case, tokenizer):
 PROFILES = {
     "int_for_list": ({"01_token_quality": {"codebook_sizes": 512}},
                      "section 01_token_quality: codebook_sizes must be list[int] (default: [64, 256]), got int 512"),
-    "str_for_int": ({"02_generation": {"epochs": "3"}},
-                    "section 02_generation: epochs must be int (default: 3), got str '3' (text in YAML"),
+    "str_for_int": ({"02_generation": {"classifier_epochs": "3"}},
+                    "section 02_generation: classifier_epochs must be int (default: 3), got str '3' (text in YAML"),
     "list_for_dict": ({"common": {"trainer": ["gpu"]}},
                       "section common: trainer must be dict (default: {}), got list[str] ['gpu']"),
     "dict_for_list": ({"01_token_quality": {"kinds": {"conditional": 1}}},
