@@ -40,7 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 PARAMS = REPO / "params"
 
-__all__ = ["notebooks", "load_profile", "resolve_parameters", "run_figures", "run_parallel", "estimate_cost", "main"]
+__all__ = ["notebooks", "load_profile", "resolve_parameters", "section_parameters", "run_figures", "run_parallel",
+           "estimate_cost", "main"]
 
 
 def notebooks(directory: Path | None = None) -> list[Path]:
@@ -347,7 +348,8 @@ def _dict_schemas() -> dict[str, dict]:
         "tokenizer": {**size, "batch_size": ("int",), "extra_seed": ("int",), "per_size": _PerKey(size), **data},
         # studies.generation.BACKBONE_DEFAULTS and its data keys (a test holds the two together)
         "backbone": {"gpt_config": gpt_config, "epochs": ("int",), "batch_size": ("int",),
-                     "per_model": _PerKey({"epochs": ("int",), "dropout": ("float",)}), "data_seed": ("int",), **data},
+                     "per_model": _PerKey({"epochs": ("int",), "dropout": ("float",)}), "data_seed": ("int",),
+                     "shards": ("str", "None"), **data},
     }
 
 
@@ -423,6 +425,18 @@ def resolve_parameters(profile: dict, nbs: list[Path]) -> dict[Path, dict]:
                 raise OmnijetError(f"{where}: {k} must be {' or '.join(words)}, got {v!r}")
         out[nb] = params
     return out
+
+
+def section_parameters(profile: str | Path, section: str) -> dict:
+    """Every parameter notebook ``section`` (e.g. ``02_generation``) runs with under ``profile``:
+    its defaults with the profile's values, checked like a run of the figures. Paths in it are
+    relative to the notebooks' folder (:data:`NOTEBOOKS`), where the notebooks run."""
+    loaded = load_profile(profile)
+    nbs = {nb.stem: nb for nb in notebooks()}
+    if section not in nbs:
+        raise OmnijetError(f"--section {section}: no such notebook (notebooks: {', '.join(nbs)})")
+    params = resolve_parameters(loaded, list(nbs.values()))[nbs[section]]
+    return {**_defaults(nbs[section]), **params}
 
 
 #: The notebooks each one reads from (models, tokenizers, simulated data): ``--jobs`` starts a
@@ -907,22 +921,46 @@ def _tokenizer_runs(p: dict, n: int, kind: str, num_codes) -> list[tuple]:
 def _backbone_runs(p: dict, n: int, name: str, fraction: float = 1.0) -> list[tuple]:
     """The pre-training of the profile's backbone ``name`` (on ``fraction`` of its jets, with the same
     optimiser steps) as :func:`omnijet_lib.studies.generation.profile_backbone` asks the store for it
-    (90% of the jets train, 10% validate), and whether the store has it."""
+    (90% of the jets train, 10% validate; streamed from token shards, all train), and whether the
+    store has it."""
     from .studies.generation import BACKBONE_CLASSES, backbone_data
     from .training.gpt import gpt_settings
 
     data = backbone_data(p.get("backbone"), p.get("data_files"), p.get("per_class", 300), p.get("seed", 1),
                          p.get("trainer"), load=False)
     store_name, args = data.gpt_args(name, int(p.get("num_codes", 0)) + 2, fraction)
-    if "per_class" in data.source:
+    streamed = ""
+    if "shards" in data.source:
+        n, streamed = _shards(data.source["shards"], BACKBONE_CLASSES[name])
+        n *= 2 / len(BACKBONE_CLASSES[name])  # jets below count per backbone class pair
+    elif "per_class" in data.source:
         n = 2 * data.source["per_class"]
     elif data.source["data_files"] != p.get("data_files"):  # files of its own
         n = _data({"data_files": data.source["data_files"]}, classes=list(BACKBONE_CLASSES["combined"]))[0]
     jets = len(BACKBONE_CLASSES[name]) / 2 * n * fraction
-    what = f"GPT {name}" + (f" on {fraction:g} of its jets (data scaling)" if fraction < 1 else "")
+    what = f"GPT {name}" + (f" on {fraction:g} of its jets (data scaling)" if fraction < 1 else "") + streamed
+    settings = {**gpt_settings(**args)[0], **({"streamed": True} if streamed else {})}
     return [(f"{what} (the profile's backbone; trained once, by the first notebook that needs it)", "gpt",
-             0.9 * jets, args["epochs"], args["batch_size"], data.trainer,
-             _in_store(p, store_name, gpt_settings(**args)[0]))]
+             (1.0 if streamed else 0.9) * jets, args["epochs"], args["batch_size"], data.trainer,
+             _in_store(p, store_name, settings))]
+
+
+def _shards(folder: str, classes) -> tuple[int, str]:
+    """(jets of ``classes`` in the token shards of ``folder``, or those official JetClass train
+    files would give; the words saying so): what a backbone streamed from them trains on."""
+    from .data.jetclass import CLASS_LABELS
+    from .data.shards import read_manifest
+
+    path = Path(folder) if Path(folder).is_absolute() else NOTEBOOKS / folder
+    idx = [CLASS_LABELS.index(c) for c in classes]
+    if (path / "manifest.json").is_file():
+        man = read_manifest(path)
+        jets = int(sum(man.get("class_counts", [0] * 10)[i] for i in idx))
+        state = "" if man.get("complete") else "; tokenization unfinished"
+        return jets, f", streamed from {folder}: {len(man['shards'])} shards, {jets} jets{state}"
+    jets = len(idx) * len(JETCLASS_SPLITS["train_100M"]) * JETCLASS_JETS_PER_FILE
+    return jets, (f", streamed from {folder}: MISSING (omnijet tokenize the JetClass train_100M files with the "
+                  f"profile's tokenizer into it; {jets} jets of {'+'.join(classes)} once tokenized)")
 
 
 def _in_store(p: dict, name: str, settings: dict) -> str:

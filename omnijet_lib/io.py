@@ -57,6 +57,12 @@ def data_root() -> Path:
     return Path(os.environ.get("OMNIJET_DATA", REPO / "data"))
 
 
+def first_process() -> bool:
+    """Rank 0 of a launch by torchrun, Slurm or Lightning's DDP launcher (which sets the ranks of the
+    processes it starts), or a single process: the one that keeps records and takes locks."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))
+
+
 def default_device() -> str:
     """``"cuda"`` when a GPU is present, else ``"cpu"``."""
     import torch

@@ -59,7 +59,9 @@ from .models.classifier import GPTClassifier
 from .models.gpt import GPT, GPTConfig
 from .tokenizers.base import load_tokenizer, save_tokenizer
 from .tokenizers.vqvae import VQVAE, VQVAEConfig
+from .training.gpt import GPT_FILE
 from .training.store import ModelRequest, ModelStore, Run
+from .training.vqvae import TOKENIZER_FILE
 
 log = logging.getLogger(__name__)
 
@@ -552,9 +554,6 @@ def find_published(checkpoint_dir: str | os.PathLike) -> dict[str, Path]:
     return {k: v[0] for k, v in found.items()}
 
 
-_TOKENIZER_FILE, _BACKBONE_FILE = "tokenizer.safetensors", "gpt.safetensors"  # as in the runs trained here
-
-
 @dataclass(frozen=True)
 class Published:
     """The published tokenizer and backbone: two runs of the model store."""
@@ -564,11 +563,11 @@ class Published:
 
     @property
     def tokenizer_file(self) -> Path:
-        return self.tokenizer.path / _TOKENIZER_FILE
+        return self.tokenizer.path / TOKENIZER_FILE
 
     @property
     def backbone_file(self) -> Path:
-        return self.backbone.path / _BACKBONE_FILE
+        return self.backbone.path / GPT_FILE
 
 
 #: the settings of a converted run: what was done to the published file (bump ``converter`` when
@@ -602,11 +601,11 @@ def convert_published(checkpoint_dir: str | os.PathLike, store: ModelStore, prog
     def convert_tokenizer(run_dir: Path) -> None:
         tok = load_official_tokenizer(src["tokenizer"])
         progress(f"published tokenizer: {tok.kind}, K = {tok.num_codes}")
-        save_tokenizer(run_dir / _TOKENIZER_FILE, tok)
+        save_tokenizer(run_dir / TOKENIZER_FILE, tok)
 
     _, tok_run = store.get(tok_request, train=convert_tokenizer, load=lambda run_dir: None)
     gpt_request = ModelRequest("published_gpt_combined", CONVERSION, {"checkpoint": _source(src["backbone"])})
-    tok_file = tok_run.path / _TOKENIZER_FILE
+    tok_file = tok_run.path / TOKENIZER_FILE
     # to be converted: the vocabulary is checked before the store writes anything for the backbone
     gpt = _fitting_backbone(src, tok_file) if store.plan(gpt_request) != "reuse" else None
 
@@ -615,7 +614,7 @@ def convert_published(checkpoint_dir: str | os.PathLike, store: ModelStore, prog
         model = gpt if gpt is not None else _fitting_backbone(src, tok_file)
         progress(f"published backbone: {sum(p.numel() for p in model.parameters()):,} parameters, "
                  f"vocabulary {model.config.vocab_size}")
-        save_model(run_dir / _BACKBONE_FILE, model, source=gpt_request.data["checkpoint"]["file"])
+        save_model(run_dir / GPT_FILE, model, source=gpt_request.data["checkpoint"]["file"])
 
     _, gpt_run = store.get(gpt_request, train=convert_backbone, load=lambda run_dir: None)
     return Published(tok_run, gpt_run)

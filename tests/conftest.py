@@ -53,3 +53,29 @@ def write_unchecked(monkeypatch):
 
     monkeypatch.setattr(jetclass, "check_jets", lambda *args: None)
     return jetclass.write_jetclass
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> Path:
+    """A model store with a tiny randomised conditional tokenizer (K 16) and a GPT backbone
+    ``gpt_combined`` whose record names that tokenizer, as the store's trainings leave them:
+    what the commands that use a pre-trained backbone open. Returns the store's root."""
+    from omnijet_lib.io import save_model
+    from omnijet_lib.models.gpt import GPT, GPTConfig
+    from omnijet_lib.tokenizers import save_tokenizer
+    from omnijet_lib.training.gpt import GPT_FILE, load_gpt
+    from omnijet_lib.training.store import ModelRequest, ModelStore
+    from omnijet_lib.training.vqvae import TOKENIZER_FILE, make_tokenizer
+
+    import torch
+
+    root = tmp_path_factory.mktemp("store")
+    store = ModelStore(root, progress=lambda m: None)
+    torch.manual_seed(0)
+    tok = randomise_(make_tokenizer("conditional", 16, hidden_dim=16, num_blocks=1, num_heads=2, mlp_hidden=16))
+    _, tok_run = store.get(ModelRequest("tokenizer_conditional_16", {"tiny": 1}, {"source": {}}),
+                           train=lambda d: save_tokenizer(d / TOKENIZER_FILE, tok), load=lambda d: None)
+    gpt = GPT(GPTConfig(vocab_size=18, n_embd=16, n_head=2, n_layer=1, ffn=32, max_len=130))
+    store.get(ModelRequest("gpt_combined", {"tiny": 1}, {"source": {"tokenizer": tok_run.settings_hash}}),
+              train=lambda d: save_model(d / GPT_FILE, gpt), load=lambda d: load_gpt(d / GPT_FILE))
+    return root

@@ -343,8 +343,10 @@ def test_paper_profile_dry_run_prints_sizes_steps_and_gpu_hours(capsys):
     assert ("VQ-VAE conditional K=8192 (the profile's; trained once, by the first notebook that needs it) "
             "[store: trains it]: "
             "3240000 jets x 100 epochs, batch 512: 585000 steps") in out
-    assert ("GPT combined (the profile's backbone; trained once, by the first notebook that needs it) "
-            "[store: trains it]: 3600000 jets x 30 epochs, batch 256: 234000 steps") in out
+    # the backbone streamed from token shards of the whole training set, 7800 steps per epoch
+    backbone = next(line for line in out.splitlines() if "GPT combined, streamed" in line)
+    assert "streamed from ../data/shards/train_100M_k8192: MISSING (omnijet tokenize" in backbone
+    assert backbone.endswith("[store: trains it]: 20000000 jets x 30 epochs, batch 256: 234000 steps, 1.11 GPU-h")
     # the profile's tokenizer trains on its own files: the same cost in every notebook that asks for it
     assert len({line for line in out.splitlines() if "VQ-VAE conditional K=8192" in line}) == 1
     assert "embedded simulation" not in out.split("[01_token_quality]")[1].split("[05_token_explorer]")[0]

@@ -12,6 +12,7 @@ Simulated, downloaded and generated jets all pass through :func:`write_jetclass`
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -42,6 +43,7 @@ __all__ = [
     "read_jetclass",
     "iter_jetclass",
     "write_jetclass",
+    "write_jetclass_chunks",
 ]
 
 _TREE = "tree"
@@ -196,30 +198,55 @@ def write_jetclass(path: str | os.PathLike, jets: ak.Array) -> Path:
 
     Jets the readers would refuse (empty, non-finite, E < |p|, a label outside 0..9) are refused
     here, before anything is written."""
+    path = write_jetclass_chunks(path, [jets])
+    log.info("wrote %d jets to %s", len(jets), path)
+    return path
+
+
+def write_jetclass_chunks(path: str | os.PathLike, chunks: Iterable[ak.Array]) -> Path:
+    """:func:`write_jetclass` for jets that arrive chunk by chunk (an iterable of jet arrays, e.g. a
+    generator), so a file can hold more jets than memory: each chunk is checked and appended to one
+    tree as it comes. The file appears only after the last chunk (an error or Ctrl-C on the way
+    leaves none); the first chunk is checked before anything is created."""
     import uproot
 
     path = Path(path)
+    chunks = iter(chunks)
+    first = next(chunks, None)
+    if first is None:
+        raise OmnijetError(f"{path}: no jets to write (no chunk given)")
+    where = f"{path}: refusing to write"
+    check_jets(where, first)  # nothing the readers would refuse
+    with atomic_path(path) as tmp:
+        with uproot.recreate(tmp) as f:
+            for i, jets in enumerate(itertools.chain([first], chunks)):
+                if i:
+                    check_jets(where, jets)
+                branches = _branches(jets)
+                if i == 0:
+                    # mktree + extend writes a TTree like the official files (plain assignment would
+                    # give an RNTuple in recent uproot); read_jetclass accepts both.
+                    tree = f.mktree(_TREE, {k: (v.type.content if k == "part" else v.dtype)
+                                            for k, v in branches.items()})
+                for start in range(0, max(len(jets), 1), BASKET_JETS):  # one basket per branch and block
+                    tree.extend({k: v[start:start + BASKET_JETS] for k, v in branches.items()})
+    return path
+
+
+def _branches(jets: ak.Array) -> dict:
+    """The tree's branches of ``jets``: ``part`` (a record of the jagged constituent columns, which
+    uproot writes as part_px, ... sharing one counter npart), the jet_* and the one-hot label_* ones."""
     part = jets.part
     n = len(jets)
-    check_jets(f"{path}: refusing to write", jets)  # nothing the readers would refuse
     jet_axis = vector.zip({"pt": jets.jet_pt, "eta": jets.jet_eta, "phi": jets.jet_phi, "mass": 0})
     # JetClass convention: part_deta is mirrored by the sign of the jet's eta.
     deta = part.deltaeta(jet_axis) * np.sign(jets.jet_eta) if n else part.px
     dphi = part.deltaphi(jet_axis) if n else part.px
     cols = {"px": part.px, "py": part.py, "pz": part.pz, "energy": part.E, "deta": deta, "dphi": dphi}
-    # a record named "part" becomes the TTree branches part_px, ... sharing one counter npart
     branches = {"part": ak.zip({k: ak.values_astype(ak.Array(v), np.float32) for k, v in cols.items()})}
     for b in JET_BRANCHES:
         branches[b] = ak.to_numpy(jets[b]).astype(np.float32)
     labels = ak.to_numpy(jets.label)
     for i, b in enumerate(LABEL_BRANCHES):
         branches[b] = (labels == i).astype(np.float32)
-    with atomic_path(path) as tmp:
-        with uproot.recreate(tmp) as f:
-            # mktree + extend writes a TTree like the official files (plain assignment would
-            # give an RNTuple in recent uproot); read_jetclass accepts both.
-            tree = f.mktree(_TREE, {k: (v.type.content if k == "part" else v.dtype) for k, v in branches.items()})
-            for start in range(0, max(n, 1), BASKET_JETS):  # one basket per branch and block
-                tree.extend({k: v[start:start + BASKET_JETS] for k, v in branches.items()})
-    log.info("wrote %d jets to %s", n, path)
-    return path
+    return branches

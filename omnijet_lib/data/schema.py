@@ -53,7 +53,10 @@ def class_selection(classes, name: str = "classes") -> list[int] | None:
         return None
     if isinstance(classes, (str, int, np.integer)):
         classes = [classes]
-    wanted = sorted({class_index(c) for c in classes})
+    try:
+        wanted = sorted({class_index(c) for c in classes})
+    except OmnijetError as err:
+        raise OmnijetError(f"{name}: {err}") from None
     if not wanted:
         raise OmnijetError(f"{name} names no class, so nothing would be selected; give e.g. QCD Tbqq, "
                            f"or leave it out for all {len(CLASS_LABELS)}")

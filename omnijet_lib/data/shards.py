@@ -232,6 +232,14 @@ class TokenShardDataset(IterableDataset):
         caps = [min(c) if world > 1 else c[rank] for c in counts]
         return world, rank, caps
 
+    def rank_shards(self) -> list[str]:
+        """Names of the shard files this rank reads in the current epoch (all its workers)."""
+        world, rank = self._world()
+        workers = max(self.num_workers, 1)
+        slots = self._slot_units(world * workers)
+        units = np.concatenate([slots[w * world + rank] for w in range(workers)])
+        return sorted({self.paths[int(self.units[u, 0])].name for u in units})
+
     def __len__(self) -> int:
         """Batches this rank yields in the current epoch (with ``num_workers`` workers)."""
         return sum(self._caps(max(self.num_workers, 1))[2])

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..io import OmnijetError, load_checkpoint
 from .gpt import GPT, GPTConfig
 
-__all__ = ["ClassifierHeadConfig", "GPTClassifier", "backbone_config_of"]
+__all__ = ["ClassifierHeadConfig", "GPTClassifierConfig", "GPTClassifier", "backbone_config_of", "load_classifier"]
 
 
 @dataclass
@@ -29,6 +29,17 @@ class ClassifierHeadConfig:
     n_embd: int = 256      # backbone width (input of the head)
     hidden: int = 256      # per-token layer (GPTClassifier's default: the backbone width)
     n_classes: int = 2
+
+
+@dataclass
+class GPTClassifierConfig:
+    """What a saved classifier records: its backbone's and its head's configs (as dicts)."""
+
+    backbone: dict
+    head: dict
+
+    def __post_init__(self):  # a config that does not fit fails here, as a TypeError load_model reports
+        GPTConfig(**self.backbone), ClassifierHeadConfig(**self.head)
 
 
 def backbone_config_of(gpt_path: str | os.PathLike) -> GPTConfig:
@@ -45,9 +56,12 @@ def backbone_config_of(gpt_path: str | os.PathLike) -> GPTConfig:
 class GPTClassifier(nn.Module):
     """GPT backbone + classification head: ``forward(seq, mask) -> logits (B, n_classes)``."""
 
-    def __init__(self, backbone_config: GPTConfig | None = None, n_classes: int = 2,
+    def __init__(self, backbone_config: GPTConfig | GPTClassifierConfig | None = None, n_classes: int = 2,
                  head_config: ClassifierHeadConfig | None = None, head_init: str = "zero"):
         super().__init__()
+        if isinstance(backbone_config, GPTClassifierConfig):  # rebuilt from a saved classifier
+            head_config = ClassifierHeadConfig(**backbone_config.head)
+            backbone_config = GPTConfig(**backbone_config.backbone)
         self.backbone_config = bcfg = backbone_config or GPTConfig()
         # paper: hidden = width = 256; a smaller backbone gets a head of its own width
         self.head_config = hcfg = head_config or ClassifierHeadConfig(bcfg.n_embd, bcfg.n_embd, n_classes)
@@ -65,6 +79,10 @@ class GPTClassifier(nn.Module):
             nn.init.zeros_(self.out.bias)
         elif head_init != "default":
             raise OmnijetError(f"head_init must be 'zero' or 'default', got {head_init!r}")
+
+    @property
+    def config(self) -> GPTClassifierConfig:  # what save_model records
+        return GPTClassifierConfig(dataclasses.asdict(self.backbone_config), dataclasses.asdict(self.head_config))
 
     def forward(self, seq, mask):  # seq (B, T) ids, mask (B, T) bool -> (B, n_classes)
         h = self.gpt.backbone(seq, mask)                       # (B, T, C), zeros at padding
@@ -117,3 +135,12 @@ class GPTClassifier(nn.Module):
         state = {k: v for k, v in gpt.state_dict().items() if not k.startswith("head.")}
         model.gpt.load_state_dict(state, strict=True)
         return model
+
+
+def load_classifier(path: str | os.PathLike, device: str = "cpu") -> tuple[GPTClassifier, dict]:
+    """``(classifier, extra config)`` saved by ``save_model(path, classifier, **extra)``: every
+    tensor is checked against the recorded configs before the model is built."""
+    from ..io import load_model
+
+    model, meta = load_model(path, GPTClassifier, GPTClassifierConfig, device=device)
+    return model.eval(), {k: v for k, v in meta.items() if k not in ("class", "config")}

@@ -14,7 +14,8 @@ once every jet has emitted stop, finished jets dropped from the active batch, an
 inverse-CDF sampler in preallocated buffers (``torch.multinomial`` over 8193 logits costs more
 than the model), single-query attention as two small matmuls, and on CPUs the head GEMM in
 cache-sized column blocks. Both take their random numbers from one table ``u[jet, step]`` of uniforms
-drawn up front, so with the same ``generator`` they return identical sequences.
+drawn up front, so with the same ``generator`` they return identical sequences. ``top_k`` restricts
+each draw to the k most probable next tokens (renormalised); ``top_k=1`` is greedy decoding.
 """
 
 from __future__ import annotations
@@ -175,10 +176,13 @@ class GPT(nn.Module):
         return head_cross_entropy(h, self.head.weight, self.head.bias, tgt[valid])
 
     # ------------------------------------------------------------------ sampling
-    def _check_generate(self, n_jets, batch_size, temperature, max_constituents) -> int:
+    def _check_generate(self, n_jets, batch_size, temperature, max_constituents, top_k) -> tuple[int, int | None]:
+        """``(max_constituents, top_k)`` checked; top_k None when it keeps every drawable token."""
         if max_constituents is None:
             max_constituents = self.config.max_len - 2  # 128 for the paper's sequences
-        for name, value in (("n_jets", n_jets), ("batch_size", batch_size), ("max_constituents", max_constituents)):
+        n_drawable = self.config.vocab_size - 1  # the codes and stop; start is never drawn
+        for name, value in (("n_jets", n_jets), ("batch_size", batch_size), ("max_constituents", max_constituents),
+                            ("top_k", n_drawable if top_k is None else top_k)):
             if not isinstance(value, numbers.Integral) or isinstance(value, bool):
                 raise OmnijetError(f"generate: {name} must be an integer, got {value!r}")
         if n_jets < 0 or batch_size <= 0:
@@ -188,12 +192,15 @@ class GPT(nn.Module):
         if not 1 <= max_constituents <= self.config.max_len - 2:
             raise OmnijetError(f"generate: max_constituents must be in 1..{self.config.max_len - 2}, "
                                f"got {max_constituents}")
+        if top_k is not None and not 1 <= top_k <= n_drawable:
+            raise OmnijetError(f"generate: top_k must be in 1..{n_drawable} (the codes and stop), got {top_k}")
         need, have = self._generate_bytes(n_jets, batch_size, max_constituents), _physical_memory()
         if have is not None and need > have:
             raise OmnijetError(f"generate: {n_jets:,} jets of up to {max_constituents} constituents (batch_size "
                                f"{batch_size}) need about {need / 2**30:,.1f} GiB, more than the {have / 2**30:.1f} "
                                "GiB of this machine; generate fewer jets per call (or use a smaller batch_size)")
-        return max_constituents
+        # keeping every token is no filter: the same draws as without top_k
+        return max_constituents, (None if top_k == n_drawable else top_k)
 
     def _generate_bytes(self, n_jets: int, batch_size: int, steps: int) -> int:
         """Memory a generation run needs at least: the tables of all jets (uniforms in float32;
@@ -204,7 +211,8 @@ class GPT(nn.Module):
 
     @torch.inference_mode()  # less per-op bookkeeping than no_grad: ~70 small ops per step
     def generate(self, n_jets: int, batch_size: int = 256, temperature: float = 1.0,
-                 generator: torch.Generator | None = None, max_constituents: int | None = None):
+                 generator: torch.Generator | None = None, max_constituents: int | None = None,
+                 top_k: int | None = None):
         """Sample ``n_jets`` jets with a key/value cache.
 
         Returns numpy ``(seq, mask)``: seq (N, max_constituents + 2) int64 laid out like the
@@ -216,20 +224,22 @@ class GPT(nn.Module):
         model makes rare. ``generator`` (CPU) draws all random numbers up front
         (:func:`draw_uniforms`, 512 bytes per jet). The sequences of all jets are kept in memory,
         so a count needing more memory than the machine has is refused (generate in parts).
+        ``top_k``: draw from the k most probable next tokens only (stop among the candidates),
+        renormalised; ``top_k=1`` is greedy decoding (the same jets whatever the generator).
         """
-        max_constituents = self._check_generate(n_jets, batch_size, temperature, max_constituents)
+        max_constituents, top_k = self._check_generate(n_jets, batch_size, temperature, max_constituents, top_k)
         u = draw_uniforms(n_jets, max_constituents, generator)
         out = np.zeros((n_jets, max_constituents + 2), np.int64)
         was_training = self.training
         self.eval()
         try:
             for s in range(0, n_jets, batch_size):
-                out[s:s + batch_size] = self._generate_batch(u[s:s + batch_size], temperature).cpu().numpy()
+                out[s:s + batch_size] = self._generate_batch(u[s:s + batch_size], temperature, top_k).cpu().numpy()
         finally:
             self.train(was_training)
         return _finish(out, self.config.stop_token)
 
-    def _generate_batch(self, u, temperature: float):
+    def _generate_batch(self, u, temperature: float, top_k: int | None = None):
         """u (B, S) uniforms -> tokens (B, S + 2) with start at 0 and stop somewhere."""
         cfg, p = self.config, next(self.parameters())
         dev, dt = p.device, p.dtype
@@ -257,7 +267,7 @@ class GPT(nn.Module):
             step = HEAD_BLOCK if dev.type == "cpu" and n >= 64 else V - 1
             for c in range(0, V - 1, step):
                 torch.addmm(b[c:c + step], x, w_t[:, c:c + step], out=logits[:, c:c + step])
-            nxt = _inverse_cdf(logits, u[t, rows[:n]], temperature, cdf[:n]) + 1  # (n,)
+            nxt = _inverse_cdf(logits, u[t, rows[:n]], temperature, cdf[:n], top_k) + 1  # (n,)
             tokens[rows[:n], t + 1] = nxt
             fin = nxt == cfg.stop_token
             n_fin = int(fin.sum())
@@ -282,11 +292,12 @@ class GPT(nn.Module):
 
     @torch.inference_mode()
     def generate_reference(self, n_jets: int, batch_size: int = 256, temperature: float = 1.0,
-                           generator: torch.Generator | None = None, max_constituents: int | None = None):
+                           generator: torch.Generator | None = None, max_constituents: int | None = None,
+                           top_k: int | None = None):
         """The original algorithm: every step re-runs the model (and the head on every position)
         on the whole prefix; always ``max_constituents`` steps, no cache, no early exit. Same
-        random draws and output format as :meth:`generate`."""
-        max_constituents = self._check_generate(n_jets, batch_size, temperature, max_constituents)
+        random draws, ``top_k`` and output format as :meth:`generate`."""
+        max_constituents, top_k = self._check_generate(n_jets, batch_size, temperature, max_constituents, top_k)
         u = draw_uniforms(n_jets, max_constituents, generator)
         out = np.zeros((n_jets, max_constituents + 2), np.int64)
         dev = next(self.parameters()).device
@@ -298,7 +309,7 @@ class GPT(nn.Module):
                 seq = torch.full((len(ub), 1), START, dtype=torch.long, device=dev)
                 for t in range(max_constituents):
                     logits = self.forward(seq)[:, -1, 1:]  # (B, V-1), start token excluded
-                    nxt = _inverse_cdf(logits, ub[:, t].to(logits.dtype), temperature) + 1
+                    nxt = _inverse_cdf(logits, ub[:, t].to(logits.dtype), temperature, top_k=top_k) + 1
                     seq = torch.cat([seq, nxt[:, None]], 1)
                 stop = torch.full((len(ub), 1), self.config.stop_token, dtype=torch.long, device=dev)
                 out[s:s + batch_size] = torch.cat([seq, stop], 1).cpu().numpy()
@@ -378,12 +389,17 @@ def draw_uniforms(n_jets: int, steps: int, generator: torch.Generator | None = N
     return torch.rand(n_jets, steps, generator=generator)
 
 
-def _inverse_cdf(logits, u, temperature: float, cdf=None):
+def _inverse_cdf(logits, u, temperature: float, cdf=None, top_k: int | None = None):
     """Index drawn from softmax(logits / temperature) by inverse CDF: logits (n, V), u (n,).
 
     Exact up to float rounding; tokens whose probability underflows to 0 are never drawn.
-    ``logits`` is overwritten when it is a buffer (it is used as scratch space).
+    ``logits`` is overwritten when it is a buffer (it is used as scratch space). ``top_k``: the
+    draw is among the k largest logits only (exactly k, ties broken by ``torch.topk``), in
+    descending order, so k = 1 returns the argmax whatever ``u``.
     """
+    if top_k is not None:
+        best, idx = logits.topk(top_k, dim=1)  # (n, k), sorted
+        return idx.gather(1, _inverse_cdf(best, u, temperature)[:, None]).squeeze(1)
     p = logits if cdf is not None else logits.clone()
     p.sub_(p.amax(1, keepdim=True))
     if temperature != 1.0:
@@ -395,9 +411,9 @@ def _inverse_cdf(logits, u, temperature: float, cdf=None):
     return idx.clamp_(max=logits.shape[1] - 1)
 
 
-def sample_tokens(logits, u, temperature: float = 1.0):
+def sample_tokens(logits, u, temperature: float = 1.0, top_k: int | None = None):
     """Public form of the sampler: one index per row of ``logits`` (n, V) from uniforms u (n,)."""
-    return _inverse_cdf(logits.clone(), u.to(logits.dtype), temperature)
+    return _inverse_cdf(logits.clone(), u.to(logits.dtype), temperature, top_k=top_k)
 
 
 def _finish(tokens: np.ndarray, stop: int):

@@ -439,7 +439,7 @@ def profile_tokenizer(store, kind: str, num_codes: int, data: TokenizerData, pro
     from ..tokenizers.base import load_tokenizer
     from ..training.fit import TrainConfig
     from ..training.store import ModelRequest, data_identity
-    from ..training.vqvae import train_tokenizer
+    from ..training.vqvae import TOKENIZER_FILE, train_tokenizer
 
     x, mask, source = data.training_jets(kind, num_codes)
     name, settings, model_kw, epochs = data.request(kind, num_codes)
@@ -451,7 +451,7 @@ def profile_tokenizer(store, kind: str, num_codes: int, data: TokenizerData, pro
         train=lambda run_dir: train_tokenizer(kind, x, mask, num_codes, epochs=epochs,
                                               batch_size=data.settings["batch_size"], out_dir=run_dir,
                                               train_config=train_config, seed=seed, **model_kw),
-        load=lambda run_dir: load_tokenizer(run_dir / "tokenizer.safetensors"))
+        load=lambda run_dir: load_tokenizer(run_dir / TOKENIZER_FILE))
     if tok.num_codes != num_codes:
         raise OmnijetError(f"{run.path}: holds {tok.num_codes} codes, the profile asks for {num_codes}")
     return tok.cpu().eval(), run

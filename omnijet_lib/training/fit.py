@@ -21,12 +21,17 @@ from typing import Any
 
 import torch
 
-from ..io import OmnijetError, atomic_path, exclusive_lock, safe_torch_load
+from ..io import OmnijetError, atomic_path, exclusive_lock, first_process, safe_torch_load
 
 log = logging.getLogger(__name__)
 
 __all__ = ["TrainConfig", "OFFICIAL_PROCEDURE", "fit", "lr_scheduler", "first_epoch_factor",
            "one_cycle"]
+
+
+#: Lightning's precision settings
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "32", "16", "bf16", "64",
+              "transformer-engine", "transformer-engine-float16")
 
 
 @dataclass
@@ -62,6 +67,15 @@ class TrainConfig:
             raise OmnijetError(f"trainer.head_init must be 'zero' or 'default', got {self.head_init!r}")
         if not 0 < self.first_epoch_lr_factor <= 1:
             raise OmnijetError(f"trainer.first_epoch_lr_factor must be in (0, 1], got {self.first_epoch_lr_factor}")
+        if str(self.precision) not in PRECISIONS:
+            raise OmnijetError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not (self.devices == "auto" or (isinstance(self.devices, int) and not isinstance(self.devices, bool)
+                                           and (self.devices > 0 or self.devices == -1))
+                or isinstance(self.devices, list)):
+            raise OmnijetError(f"trainer.devices must be auto, a positive count, -1 (all) or a list of device "
+                               f"indices, got {self.devices!r}")
+        if not isinstance(self.num_nodes, int) or self.num_nodes < 1:
+            raise OmnijetError(f"trainer.num_nodes must be a positive integer, got {self.num_nodes!r}")
 
     @classmethod
     def from_params(cls, params: dict | None = None, **overrides) -> "TrainConfig":
@@ -136,32 +150,26 @@ def first_epoch_factor(factor: float):
 
 
 def fit(module, train_loader, val_loader=None, out_dir: str | os.PathLike | None = None,
-        config: TrainConfig | None = None, resume: bool = True):
+        config: TrainConfig | None = None, resume: bool = True, callbacks=()):
     """Train a LightningModule; resumable from ``out_dir/last.ckpt``. Returns the module with the
     best (lowest ``val_loss``) weights restored when a validation set is given.
 
     ``out_dir`` is locked for the training: a second process training into it waits, naming the
     first, and then resumes from where it ended. Only the first process of a multi-process
     (DDP) run takes the lock; its other ranks write nothing there."""
-    if out_dir is None or not _first_process():
-        return _fit(module, train_loader, val_loader, out_dir, config, resume)
+    if out_dir is None or not first_process():
+        return _fit(module, train_loader, val_loader, out_dir, config, resume, callbacks)
     with exclusive_lock(out_dir, wait=True):
-        return _fit(module, train_loader, val_loader, out_dir, config, resume)
+        return _fit(module, train_loader, val_loader, out_dir, config, resume, callbacks)
 
 
-def _first_process() -> bool:
-    """Rank 0 of a launch by torchrun, Slurm or Lightning's DDP launcher (which sets the ranks of the
-    processes it starts), or a single process."""
-    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))
-
-
-def _fit(module, train_loader, val_loader, out_dir, config: TrainConfig | None, resume: bool):
+def _fit(module, train_loader, val_loader, out_dir, config: TrainConfig | None, resume: bool, extra=()):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     cfg = config or TrainConfig()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    callbacks = []
+    callbacks = list(extra)
     ckpt_path = None
     best_cb = None
     if out_dir is not None:

@@ -21,9 +21,10 @@ from ..io import OmnijetError, load_model, save_model
 from ..models.gpt import GPT, GPTConfig
 from .batching import PaddedDataset, make_loader
 from .fit import TrainConfig, first_epoch_factor, fit, lr_scheduler, one_cycle
-from .store import ModelRequest, ModelStore, data_identity
+from .store import ModelRequest, ModelStore, data_identity, find_run, tokenizer_run_of
 
-__all__ = ["GPTModule", "train_gpt", "load_gpt", "check_sequences", "gpt_settings", "ensure_gpt", "GPT_FILE"]
+__all__ = ["GPTModule", "train_gpt", "load_gpt", "check_sequences", "gpt_settings", "ensure_gpt", "GPT_FILE",
+           "Backbone", "open_backbone", "ensure_gpt_on_shards"]
 
 GPT_FILE = "gpt.safetensors"  # the weights in a run folder
 
@@ -164,6 +165,68 @@ def ensure_gpt(store: ModelStore, name: str, seq, seq_mask, config: GPTConfig, s
                      load=lambda run: load_gpt(run / GPT_FILE, vocab_size=config.vocab_size))
 
 
+def ensure_gpt_on_shards(store: ModelStore, name: str, shards, config: GPTConfig, classes=None,
+                         epochs: int | None = None, batch_size: int = 256, train_config: TrainConfig | None = None,
+                         seed: int = 0, lr: float = 1e-3, num_workers: int = 0, fraction: float = 1.0,
+                         tokenizer=None):
+    """``(GPT, Run)`` like :func:`ensure_gpt`, pre-trained on the token shards of folder ``shards``
+    (``omnijet tokenize``), streamed: memory bounded by a shard and a shuffle buffer, and under DDP
+    every rank reads other shards (:class:`~omnijet_lib.data.shards.TokenShardDataset`). The data
+    identity is the manifest's shards (name and sha256), their tokenizer and ``classes``; without a
+    validation set the weights of the last epoch are kept. ``fraction`` < 1 trains on that share
+    of the shards (a random subset; data scaling). ``tokenizer``, a store :class:`Run`, must be the
+    one the shards were made with."""
+    from ..data.shards import ShardLoader, TokenShardDataset, read_manifest, read_shard
+    from ..io import file_sha256
+
+    manifest = read_manifest(shards)
+    tok = Path(manifest.get("tokenizer", ""))
+    tok_id = tok.parent.name if (tok.parent / "run.json").is_file() else (file_sha256(tok) if tok.is_file() else None)
+    if tokenizer is not None and tok_id != tokenizer.settings_hash:
+        raise OmnijetError(f"{shards}: tokenized with {tok}, not with the profile's tokenizer {tokenizer.path}; "
+                           f"tokenize again: omnijet tokenize --tokenizer {tokenizer.path}/tokenizer.safetensors ...")
+    listed = manifest["shards"]
+    if fraction < 1:
+        rng = np.random.default_rng([seed, round(fraction * 1e6)])
+        listed = [listed[i] for i in sorted(rng.choice(len(listed), max(1, round(fraction * len(listed))),
+                                                       replace=False))]
+    ds = TokenShardDataset([Path(shards) / s["name"] for s in listed], batch_size, num_codes=config.vocab_size - 2,
+                           seed=seed, classes=classes)
+    targets = 0  # the training set's targets (codes and stop) per jet normalise the loss
+    for p in ds.paths:
+        d = read_shard(p, fields=("counts", "labels"))
+        keep = np.ones(len(d["labels"]), bool) if classes is None else np.isin(d["labels"], classes)
+        targets += int((d["counts"][keep].astype(np.int64) + 1).sum())
+    source = {"shards": [{"name": s["name"], "sha256": s["sha256"]} for s in listed],
+              "classes": None if classes is None else sorted(int(c) for c in classes), "tokenizer": tok_id}
+    settings, cfg = gpt_settings(config, epochs, batch_size, train_config, seed, lr)
+
+    def train(run: Path) -> GPT:
+        module = GPTModule(config, lr=lr, loss_over_padding=cfg.loss_over_padding,
+                           first_epoch_lr_factor=cfg.first_epoch_lr_factor, schedule=cfg.schedule,
+                           targets_per_jet=float(targets) / max(ds.num_jets, 1))
+        module = fit(module, ShardLoader(ds, num_workers=num_workers), None, out_dir=run, config=cfg,
+                     callbacks=[_ShardReport(ds, store.progress)])
+        model = module.model.cpu().eval()
+        save_model(run / GPT_FILE, model)
+        return model
+
+    request = ModelRequest(name, {**settings, "streamed": True}, {"source": source, "jets": ds.num_jets})
+    return store.get(request, train=train, load=lambda run: load_gpt(run / GPT_FILE, vocab_size=config.vocab_size))
+
+
+class _ShardReport(pl.Callback):
+    """Says which shards each rank reads, every epoch (the DDP split can be checked from the log)."""
+
+    def __init__(self, dataset, progress):
+        self.dataset, self.progress = dataset, progress
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        names = self.dataset.rank_shards()
+        self.progress(f"rank {trainer.global_rank}/{trainer.world_size} epoch {trainer.current_epoch}: "
+                      f"{len(names)} shards: {' '.join(names)}")
+
+
 def load_gpt(path: str | os.PathLike, vocab_size: int | None = None, device: str = "cpu") -> GPT:
     """Load a GPT saved by :func:`train_gpt`; ``vocab_size`` (K + 2 of the tokenizer in use) is
     checked against the checkpoint."""
@@ -174,3 +237,37 @@ def load_gpt(path: str | os.PathLike, vocab_size: int | None = None, device: str
                            f"tokenizer needs {vocab_size} ({vocab_size - 2} codes); retrain the GPT "
                            f"with this tokenizer")
     return model.eval()
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """A pre-trained backbone of the model store with the tokenizer its sequences come from."""
+
+    gpt: GPT
+    tokenizer: torch.nn.Module
+    run: Path  # the backbone's run folder
+    tokenizer_run: Path
+
+
+def open_backbone(backbone: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
+                  store: str | os.PathLike | None = None, device: str = "cpu") -> Backbone:
+    """The backbone run ``backbone`` (a run folder or model folder of a store; ``"published"``: the
+    converted published backbone of ``store``) and its tokenizer: the run its record names, or
+    ``tokenizer``. The two must agree on the codebook size."""
+    from ..tokenizers.base import load_tokenizer
+    from .vqvae import TOKENIZER_FILE
+
+    if str(backbone) == "published":
+        if store is None or not (Path(store) / "published_gpt_combined").is_dir():
+            raise OmnijetError(f"--backbone published: no converted published backbone in --store {store}; run "
+                               "omnijet checkpoints fetch --dest DIR, then omnijet checkpoints convert DIR STORE")
+        backbone = Path(store) / "published_gpt_combined"
+    run = find_run(backbone, "--backbone")
+    if not (run / GPT_FILE).is_file():
+        raise OmnijetError(f"--backbone {run}: holds no {GPT_FILE}; is it a backbone run?")
+    tok_run = find_run(tokenizer, "--tokenizer") if tokenizer is not None else tokenizer_run_of(run)
+    if not (tok_run / TOKENIZER_FILE).is_file():
+        raise OmnijetError(f"--tokenizer {tok_run}: holds no {TOKENIZER_FILE}; is it a tokenizer run?")
+    tok = load_tokenizer(tok_run / TOKENIZER_FILE).to(device).eval()
+    gpt = load_gpt(run / GPT_FILE, vocab_size=tok.vocab_size, device=device)
+    return Backbone(gpt, tok, run, tok_run)

@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..io import OmnijetError, array_digest, as_json, exclusive_lock, write_json
+from ..io import OmnijetError, array_digest, as_json, exclusive_lock, first_process, write_json
 
-__all__ = ["ModelRequest", "ModelStore", "Run", "data_identity", "settings_hash", "REUSE_MODES"]
+__all__ = ["ModelRequest", "ModelStore", "Run", "data_identity", "settings_hash", "REUSE_MODES", "find_run",
+           "tokenizer_run_of"]
 
 RUN_RECORD = "run.json"
 #: ``auto``: reuse a matching run, train the others; ``strict``: reuse a matching run, refuse the others
@@ -120,7 +121,9 @@ class ModelStore:
             rec = _record(d)
             if rec and rec.get("complete"):
                 out.append({**rec, "path": str(d)})
-        return sorted(out, key=lambda r: r.get("trained_at", ""), reverse=True)
+        # trained_at has seconds: runs finished within one second are told apart by their record's time
+        return sorted(out, key=lambda r: (r.get("trained_at", ""), (Path(r["path"]) / RUN_RECORD).stat().st_mtime_ns),
+                      reverse=True)
 
     def with_settings(self, name: str, settings: dict) -> list[dict]:
         """The finished runs of ``name`` trained with exactly ``settings`` (on whichever jets), newest
@@ -142,6 +145,8 @@ class ModelStore:
         run = self.finished(request)
         if run is None and self.reuse == "strict":
             raise OmnijetError(self._mismatch(request))
+        if run is None and not first_process():  # a DDP rank > 0 trains beside rank 0, which keeps the record
+            return train(path), Run(path, request.hash, True, 0.0)
         if run is None:
             with exclusive_lock(path, wait=True):  # another process may be training it: wait, then reuse
                 run = self.finished(request)
@@ -175,6 +180,42 @@ class ModelStore:
         key = next(k for k in sorted(set(old) | set(new), key=_order) if old.get(k, _NONE) != new.get(k, _NONE))
         return (f"{where}, and no run was trained with these settings: {key} is {_shown(old.get(key, _NONE))} "
                 f"in {newest['path']}, {_shown(new.get(key, _NONE))} requested")
+
+
+def find_run(spec: str | os.PathLike, option: str = "--backbone") -> Path:
+    """The finished run folder ``spec`` names: a run folder (``<store>/gpt_top/<hash>``), or a model
+    folder (``<store>/gpt_top``), which means its newest finished run. ``option`` names the
+    command-line option or parameter in errors."""
+    path = Path(spec)
+    if not path.is_dir():
+        raise OmnijetError(f"{option} {spec}: no such run folder (a model store's <name>/<settings hash>/)")
+    rec = _record(path)
+    if rec is None:
+        runs = ModelStore(path.parent).runs(path.name)
+        if not runs:
+            raise OmnijetError(f"{option} {spec}: holds no {RUN_RECORD} and no finished run (<name>/<settings hash>/)")
+        return Path(runs[0]["path"])
+    if not rec.get("complete"):
+        raise OmnijetError(f"{option} {spec}: its training did not finish (rerun it to resume)")
+    return path
+
+
+def tokenizer_run_of(backbone: Path) -> Path:
+    """The tokenizer run a backbone run was trained on, in the same store: the one its record
+    names by settings hash (a converted published backbone: the store's published tokenizer)."""
+    rec = _record(backbone) or {}
+    store = ModelStore(backbone.parent.parent)
+    if rec.get("name") == "published_gpt_combined":
+        runs = store.runs("published_tokenizer")
+    else:
+        want = ((rec.get("data") or {}).get("source") or {}).get("tokenizer")
+        runs = [r for r in (_record(d) for d in store.root.glob(f"tokenizer_*/{want}")) if r and r.get("complete")] \
+            if isinstance(want, str) and want.isalnum() else []
+        runs = [{**r, "path": str(store.root / r["name"] / r["settings_hash"])} for r in runs]
+    if not runs:
+        raise OmnijetError(f"{backbone}: the tokenizer it was trained with is not in its store {store.root}; "
+                           "name it with --tokenizer RUN")
+    return Path(runs[0]["path"])
 
 
 _NONE = object()

@@ -52,7 +52,7 @@ def paper_patience(n_train: int) -> int:
 
 # ---------------------------------------------------------------------------- data
 def make_transfer_model(strategy: str, backbone_path, tokenizer_vocab: int | None = None, seed: int = 0,
-                        head_init: str = "zero"):
+                        head_init: str = "zero", n_classes: int = 2):
     """``(model, trainable parameters)`` for a strategy. The from-scratch model has the
     architecture of the pre-trained backbone but random weights."""
     if strategy not in STRATEGIES:
@@ -63,9 +63,10 @@ def make_transfer_model(strategy: str, backbone_path, tokenizer_vocab: int | Non
         if tokenizer_vocab is not None and cfg.vocab_size != tokenizer_vocab:
             raise OmnijetError(f"{backbone_path}: backbone vocabulary is {cfg.vocab_size} but the tokenizer "
                                f"gives {tokenizer_vocab}")
-        model = GPTClassifier(cfg, head_init=head_init)
+        model = GPTClassifier(cfg, n_classes=n_classes, head_init=head_init)
         return model, list(model.parameters())
-    model = GPTClassifier.from_pretrained(backbone_path, tokenizer_vocab=tokenizer_vocab, head_init=head_init)
+    model = GPTClassifier.from_pretrained(backbone_path, tokenizer_vocab=tokenizer_vocab, n_classes=n_classes,
+                                          head_init=head_init)
     params = model.freeze_backbone() if strategy == "frozen" else list(model.parameters())
     return model, params
 
@@ -73,15 +74,16 @@ def make_transfer_model(strategy: str, backbone_path, tokenizer_vocab: int | Non
 def train_transfer(strategy: str, seq, mask, y, val, backbone_path, tokenizer_vocab: int | None = None,
                    out_dir=None, max_epochs: int = 100, patience: int | None = None, lr: float = 1e-4,
                    weight_decay: float = 1e-2, batch_size: int = 64, trainer: dict | None = None,
-                   seed: int = 0) -> GPTClassifier:
+                   seed: int = 0, n_classes: int = 2) -> GPTClassifier:
     """Train one classifier with ``strategy`` on sequences ``seq`` (N, T) / ``mask`` with labels
     ``y``; ``val = (seq, mask, y)`` drives early stopping (``patience`` epochs, default
-    :func:`paper_patience`) and the best-epoch restore. Returns the model with the best weights.
+    :func:`paper_patience`) and the best-epoch restore; labels 0 .. ``n_classes`` - 1. Returns the model with the best weights.
     ``out_dir`` keeps the checkpoints (resumable); ``None`` uses a temporary folder."""
     patience = paper_patience(len(seq)) if patience is None else patience
     cfg = TrainConfig.from_params(trainer, max_epochs=max_epochs, seed=seed, patience=patience,
                                   progress_bar=False)
-    model, params = make_transfer_model(strategy, backbone_path, tokenizer_vocab, seed, head_init=cfg.head_init)
+    model, params = make_transfer_model(strategy, backbone_path, tokenizer_vocab, seed, head_init=cfg.head_init,
+                                        n_classes=n_classes)
     with tempfile.TemporaryDirectory(prefix="omnijet_transfer_") as tmp, _quiet_lightning():
         model = train_classifier(model, seq, mask, y, val=val, out_dir=out_dir or tmp, batch_size=batch_size,
                                  lr=lr, weight_decay=weight_decay, train_config=cfg, epochs=None, seed=seed, params=params)
@@ -105,11 +107,17 @@ def _quiet_lightning():
 
 @torch.no_grad()
 def evaluate(model, seq, mask, y) -> dict:
-    """Accuracy, AUC and mean cross-entropy of a binary classifier on ``(seq, mask, y)``."""
+    """Accuracy, AUC and mean cross-entropy of a classifier on ``(seq, mask, y)``. Binary: the AUC
+    of the class-1 probability; more classes: the mean of the one-vs-rest AUCs (``auc``) and
+    each class's (``auc_per_class``)."""
     p = predict_proba(model, seq, mask)
     y = np.asarray(y)
     loss = F.nll_loss(torch.log(torch.as_tensor(p).clamp_min(1e-12)), torch.as_tensor(y)).item()
-    return {"accuracy": float((p.argmax(1) == y).mean()), "auc": roc_auc(y, p[:, 1]), "loss": loss}
+    out = {"accuracy": float((p.argmax(1) == y).mean()), "loss": loss}
+    if p.shape[1] == 2:
+        return {**out, "auc": roc_auc(y, p[:, 1])}
+    per_class = [roc_auc(y == c, p[:, c]) for c in range(p.shape[1])]
+    return {**out, "auc": float(np.nanmean(per_class)), "auc_per_class": per_class}
 
 
 # ---------------------------------------------------------------------------- the study

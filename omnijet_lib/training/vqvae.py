@@ -32,7 +32,9 @@ from .fit import TrainConfig, fit, lr_scheduler, one_cycle
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VQVAEModule", "codebook_stats", "one_cycle_cooldown", "train_tokenizer", "make_tokenizer"]
+__all__ = ["VQVAEModule", "codebook_stats", "one_cycle_cooldown", "train_tokenizer", "make_tokenizer", "TOKENIZER_FILE"]
+
+TOKENIZER_FILE = "tokenizer.safetensors"  # the weights in a run folder
 
 
 def codebook_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +187,7 @@ def train_tokenizer(kind: str, x, mask, num_codes: int | None, epochs: int, batc
     if kind == "binned":
         tok.fit(x, mask)
         if out_dir is not None:
-            save_tokenizer(out_dir / "tokenizer.safetensors", tok)
+            save_tokenizer(out_dir / TOKENIZER_FILE, tok)
         return tok.to(default_device()).eval()
 
     rng = np.random.default_rng(seed)
@@ -210,7 +212,7 @@ def train_tokenizer(kind: str, x, mask, num_codes: int | None, epochs: int, batc
     new_epochs = {h["epoch"] for h in module.history}
     tok.train_history = [h for h in history if h["epoch"] not in new_epochs] + module.history
     if out_dir is not None:
-        save_tokenizer(out_dir / "tokenizer.safetensors", tok)
+        save_tokenizer(out_dir / TOKENIZER_FILE, tok)
         write_json(out_dir / "history.json", tok.train_history)
     return tok.to(default_device()).eval()
 
