@@ -177,7 +177,7 @@ def _classify(argv) -> int:
     return 0
 
 
-TRAIN_SECTIONS = {"tokenizer": "02_generation", "backbone": "02_generation"}
+TRAIN_SECTIONS = {"tokenizer": "02_generation", "backbone": "02_generation", "epicfm": "04_epic_fm_comparison"}
 
 
 def _train(argv) -> int:
@@ -189,7 +189,8 @@ def _train(argv) -> int:
 
     ap = argparse.ArgumentParser(
         prog="omnijet train", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train the tokenizer or a backbone of a profile into its model store, exactly as the figure "
+        description="Train the tokenizer, a backbone or the EPiC-FM baseline of a profile into its model store, "
+        "exactly as the figure "
         "notebooks ask for them: a model trained here is the one the notebooks then reuse (same settings, same "
         "run folder). An interrupted training resumes. Paths in the profile are relative to notebooks/, as in the "
         "notebooks. The trainer options override the profile's trainer settings; they are settings of the model "
@@ -198,13 +199,18 @@ def _train(argv) -> int:
         epilog="examples:\n"
                "  omnijet train tokenizer --profile quick\n"
                "  omnijet train backbone --profile quick --name top\n"
+               "  omnijet train epicfm --profile my_profile.yaml --accelerator gpu\n"
                "  omnijet tokenize --tokenizer STORE/tokenizer_conditional_8192/HASH/tokenizer.safetensors \\\n"
                "      --in 'data/jetclass/train_100M/*.root' --out data/shards/train\n"
                "  srun omnijet train backbone --profile paper --shards data/shards/train --accelerator gpu \\\n"
                "      --devices 4 --num-nodes 2 --strategy ddp")
-    ap.add_argument("model", choices=["tokenizer", "backbone"], help="what to train")
-    ap.add_argument("--profile", required=True, help="profile name (params/NAME.yaml) or a profile YAML file")
-    ap.add_argument("--section", help="the notebook whose parameters to take (default: 02_generation)")
+    ap.add_argument("model", choices=list(TRAIN_SECTIONS), help="what to train")
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--profile", help="profile name (params/NAME.yaml) or a profile YAML file")
+    where.add_argument("--config", dest="profile", help="a YAML file in the format of a profile (the same as "
+                       "--profile FILE): common: and notebook sections")
+    ap.add_argument("--section", help="the notebook whose parameters to take (default: 02_generation; "
+                    "epicfm: 04_epic_fm_comparison)")
     ap.add_argument("--kind", default="conditional", choices=["conditional", "unconditional"], help="tokenizer kind")
     ap.add_argument("--num-codes", type=int, help="tokenizer codebook size K (default: the section's num_codes)")
     ap.add_argument("--name", default="combined", choices=list(BACKBONE_CLASSES),
@@ -223,8 +229,10 @@ def _train(argv) -> int:
     TrainConfig.from_params(overrides)  # a bad trainer option fails here, before anything loads
     p = section_parameters(a.profile, a.section or TRAIN_SECTIONS[a.model])
     # the trainer options and --shards are settings of the model trained, not of the tokenizer it uses
-    own = dict(p.get(a.model) or {})
+    own = dict(p.get(a.model) or {}) if a.model != "epicfm" else {}
     own["trainer"] = {**(own.get("trainer", p.get("trainer")) or {}), **overrides}
+    if a.model == "epicfm":  # its settings are the notebook's own
+        p["trainer"], own = own["trainer"], None
     shards = Path(a.shards).resolve() if a.shards else None
     if shards is not None:
         if a.model != "backbone":
@@ -233,7 +241,8 @@ def _train(argv) -> int:
 
         read_manifest(shards)  # no shards there: said before the tokenizer is looked for
         own["shards"] = str(shards)
-    p[a.model] = own
+    if own is not None:
+        p[a.model] = own
     # Lightning's DDP launcher starts the other ranks with this command line from the folder we are
     # in then (notebooks/): it must name the files absolutely
     _absolute_options(sys.argv, {"--profile": Path(a.profile).resolve() if Path(a.profile).is_file() else None,
@@ -241,10 +250,10 @@ def _train(argv) -> int:
     here = os.getcwd()
     os.chdir(NOTEBOOKS)  # the profile's paths are the notebooks' (and so are the store's records of them)
     try:
-        run = _train_in_store(a, p)
+        path = _train_in_store(a, p).path.resolve()  # the store's paths are relative to notebooks/
     finally:
         os.chdir(here)
-    print(run.path.resolve())
+    print(path)
     return 0
 
 
@@ -263,11 +272,18 @@ def _absolute_options(argv: list[str], paths: dict) -> None:
 def _train_in_store(a, p: dict):
     """:func:`_train`'s training, in the notebooks' folder: the store run of the model asked for
     (a backbone needs the profile's tokenizer: it is trained first when the store lacks it)."""
-    from .studies.generation import backbone_data, profile_backbone
+    from .datasets import load_dataset
+    from .studies.generation import backbone_data, profile_backbone, profile_epic_fm
     from .studies.tokens import profile_tokenizer, tokenizer_data
     from .training.store import ModelStore
 
     store = ModelStore(p["models_dir"], progress=_say)
+    if a.model == "epicfm":  # as notebook 04 asks for it (q/g and t→bqq' beside the published backbone)
+        combined = bool(p.get("checkpoint_dir"))
+        jets = load_dataset(p["data_files"], per_class=p["per_class"], seed=p["seed"],
+                            classes=["QCD", "Tbqq"] if combined else ["Tbqq"])
+        return profile_epic_fm(store, jets, p["data_files"], p["per_class"], p["seed"], p["epic_config"], p["epochs"],
+                               p["batch_size"], p["trainer"], combined)[1]
     data = tokenizer_data(p.get("tokenizer"), p.get("data_files"), p["per_class"], p["seed"], p["trainer"])
     tok, run = profile_tokenizer(store, a.kind, a.num_codes or p["num_codes"], data)
     if a.model == "backbone":

@@ -156,3 +156,26 @@ def test_two_process_ddp_from_the_command_line_streams_disjoint_shards_and_resum
     other = tok_run.__class__(tok_run.path, "0" * 16, False, 0.0)
     with pytest.raises(OmnijetError, match="not with the profile's tokenizer"):
         profile_backbone(store, "combined", tok_model, other, data)
+
+
+def test_train_epicfm_is_notebook_04s_model_and_profile_paths_are_the_notebooks(real_path, tmp_path, capsys):
+    from omnijet_lib.datasets import load_dataset
+    from omnijet_lib.figures import NOTEBOOKS, section_parameters
+    from omnijet_lib.studies.generation import profile_epic_fm
+    from omnijet_lib.training.store import ModelStore
+
+    models = tmp_path / "models"
+    profile = tmp_path / "p.yaml"
+    # a models_dir relative to notebooks/, as the profiles write them
+    profile.write_text(yaml.safe_dump({"common": {"data_files": str(real_path), "models_dir": os.path.relpath(models, NOTEBOOKS)},
+                                       "04_epic_fm_comparison": {"epochs": 1, "batch_size": 16}}))
+    assert cli(["train", "epicfm", "--config", str(profile), "--accelerator", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    run = Path(out.strip())
+    assert run.parent == models / "epic_fm_top" and (run / "run.json").is_file() and "epic_fm_top: training" in err
+    p = section_parameters(profile, "04_epic_fm_comparison")
+    p["trainer"] = {"accelerator": "cpu"}
+    jets = load_dataset(p["data_files"], per_class=p["per_class"], seed=p["seed"], classes=["Tbqq"])
+    _, again = profile_epic_fm(ModelStore(models, reuse="strict", progress=lambda m: None), jets, p["data_files"],
+                               p["per_class"], p["seed"], p["epic_config"], p["epochs"], p["batch_size"], p["trainer"])
+    assert again.path == run and not again.trained

@@ -32,7 +32,7 @@ from ..io import OmnijetError, value_per_key
 
 __all__ = ["decode_generated", "BACKBONE_DEFAULTS", "BACKBONE_CLASSES", "BackboneData", "backbone_data",
            "profile_backbone", "classifier_test", "w1_scores", "time_generation", "data_scaling", "generate_to_root",
-           "generated_label"]
+           "generated_label", "profile_epic_fm"]
 
 
 def decode_generated(tok, seq, mask=None, max_len: int = 128) -> tuple[np.ndarray, np.ndarray]:
@@ -179,6 +179,29 @@ def profile_backbone(store, name: str, tok, tok_run, data: BackboneData, fractio
     source = {"jets": data.source, "classes": list(BACKBONE_CLASSES[name]), "fraction": fraction,
               "tokenizer": tok_run.settings_hash}
     return ensure_gpt(store, store_name, seq, seq_mask, source=source, **args)
+
+
+def profile_epic_fm(store, jets, data_files, per_class: int, seed: int, epic_config: str = "light",
+                    epochs: int | None = None, batch_size: int = 256, trainer: dict | None = None,
+                    combined: bool = False):
+    """``(EPiC-FM, Run)``: notebook 04's continuous baseline from the model store, trained there on
+    ``jets`` (those :func:`~omnijet_lib.datasets.load_dataset` gives for ``data_files``,
+    ``per_class`` and ``seed``: t→bqq', or q/g and t→bqq' when ``combined``, as the published
+    backbone generates both) when the store has none with exactly these settings."""
+    from ..data.features import constituent_features, to_padded
+    from ..models.epic_fm import EPiCConfig
+    from ..training.epic_fm import ensure_epic_fm
+    from ..training.fit import TrainConfig
+
+    if epic_config not in ("light", "jetclass"):
+        raise OmnijetError(f"epic_config must be 'light' or 'jetclass', got {epic_config!r}")
+    classes = ["QCD", "Tbqq"] if combined else ["Tbqq"]
+    x, mask = to_padded(constituent_features(jets))
+    source = {"data_files": data_files, "per_class": per_class, "seed": seed, "classes": classes}
+    return ensure_epic_fm(store, f"epic_fm_{'combined' if combined else 'top'}", source, x, mask,
+                          np.asarray(jets.label), np.asarray(jets.jet_pt), np.asarray(jets.jet_eta),
+                          config=getattr(EPiCConfig, epic_config)(), epochs=epochs, batch_size=batch_size,
+                          train_config=TrainConfig.from_params({"progress_bar": False, **(trainer or {})}), seed=seed)
 
 
 def time_generation(model, n_jets: int, batch_size: int = 256, temperature: float = 1.0, seed: int = 0):
