@@ -294,8 +294,11 @@ def _train_in_store(a, p: dict):
     return run
 
 
-def _say(msg: str) -> None:  # progress to stderr: stdout holds the results
-    print(msg, file=sys.stderr)
+def _say(msg: str) -> None:
+    """Progress to stderr (stdout holds the results), one write per line: the lines of DDP ranks
+    sharing the stream stay whole."""
+    sys.stderr.write(f"{msg}\n")
+    sys.stderr.flush()
 
 
 def _generate(argv) -> int:

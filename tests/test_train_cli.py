@@ -100,7 +100,7 @@ def test_the_slurm_examples_run_the_tested_command_lines():
 
 def _rank_shards(log: str) -> dict[int, set[str]]:
     """{rank: shards} of epoch 0 from the training log."""
-    found = re.findall(r"rank (\d)/2 epoch 0: \d+ shards: (.*)", log)
+    found = re.findall(r"rank (\d)/2 epoch 0: \d+ shards: ((?:[\w.]+?\.npz ?)+)", log)
     return {int(r): set(names.split()) for r, names in found}
 
 
