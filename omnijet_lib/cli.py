@@ -157,7 +157,7 @@ def _classify(argv) -> int:
         prog="omnijet classify", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Score every jet of JetClass-schema ROOT files with a classifier of omnijet finetune: one row "
         "per jet with the file and entry it came from, the class its file gives it (label, 0..9 in JetClass order) "
-        "and one probability p_<class> per class. Written atomically as .npz (numpy.load) or .parquet (needs pyarrow).",
+        "and one probability p_<class> per class. Written atomically as .npz (numpy.load) or .parquet (pyarrow, pandas).",
         epilog="example:\n  omnijet classify --model data/models/mine/classifier_finetune_QCD_Tbqq --in data/*.root "
                "--out scores.npz")
     ap.add_argument("--model", required=True, help="classifier run folder (or its model folder: the newest run)")

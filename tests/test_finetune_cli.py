@@ -115,3 +115,15 @@ def test_finetune_and_classify_name_a_wrong_model(tiny_store, real_path, tmp_pat
                         "--out", str(tmp_path / "s.csv")], capsys)
     assert code == 1 and "--out" in err and ".npz or .parquet" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_classify_writes_parquet_too(binary, real_path, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    store, _ = binary
+    out = tmp_path / "scores.parquet"
+    code, _, _ = run(["classify", "--model", str(store / "classifier_finetune_QCD_Tbqq"), "--in", str(real_path),
+                      "--out", str(out)], capsys)
+    table = pq.read_table(out).to_pydict()
+    assert code == 0 and set(table) == {"source_file", "entry", "label", "p_QCD", "p_Tbqq"}
+    assert table["entry"] == list(range(500)) and set(table["source_file"]) == {str(real_path)}

@@ -191,10 +191,8 @@ def write_scores(scores: dict, out: str | os.PathLike) -> Path:
             with open(tmp, "wb") as f:
                 np.savez(f, **scores)
         else:
-            try:
-                import pyarrow as pa
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise OmnijetError(f"--out {out}: parquet needs pyarrow (pip install pyarrow), or write .npz") from None
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
             pq.write_table(pa.table(scores), tmp)
     return out
