@@ -442,7 +442,7 @@ def section_parameters(profile: str | Path, section: str) -> dict:
 #: The notebooks each one reads from (models, tokenizers, simulated data): ``--jobs`` starts a
 #: notebook only when those in the run have finished. Only for speed: a model two notebooks ask
 #: for at once is trained by one while the other waits for it (the model store's lock).
-NEEDS = {"01": ("00",), "02": ("01",), "03": ("01",), "04": ("02",), "05": ("01",)}
+NEEDS = {"01": ("00",), "02": ("01",), "03": ("01",), "04": ("02",), "05": ("01",), "06": ("02",)}
 
 
 def run_figures(profile: str = "ci", only: list[str] | None = None, out_dir: Path | None = None,
@@ -890,6 +890,14 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
         runs.append((f"OmniJet-α sampling of {gen} jets", "gpt_generate", gen, 1, None))
     elif stem.startswith("05"):
         runs += _tokenizer_runs(p, n, p.get("kind", "conditional"), p.get("num_codes"))
+    elif stem.startswith("06"):
+        runs += _tokenizer_runs(p, n, "conditional", p.get("num_codes"))
+        runs += [r for name in ("qcd", "top", "combined") for r in _backbone_runs(p, n, name)]
+        scored = 10 * p.get("score_per_class", 0)  # a likelihood is one forward pass, ~1/3 of a training step
+        runs.append((f"likelihoods of {scored} jets under 2 backbones", "gpt", 2 * scored / 3, 1, None))
+        pretrained = 2 * ((p.get("backbone") or {}).get("per_class") or p.get("per_class", 300))
+        runs.append(("the supervised classifier (combined backbone fine-tuned on the backbones' jets)", "gpt_classifier",
+                     pretrained, p.get("classifier_epochs", 1), p.get("classifier_batch_size", 64)))
     return runs
 
 

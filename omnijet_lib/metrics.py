@@ -331,6 +331,20 @@ def roc_auc(labels, scores) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """``(background efficiency, signal efficiency)`` of a cut ``score > t`` over every threshold,
+    from (0, 0) to (1, 1), for binary ``labels`` (1 = signal); tied scores move both at once."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, float)
+    if labels.all() or not labels.any():
+        raise OmnijetError(f"roc_curve needs both classes, got {int(labels.sum())} signal and {int((~labels).sum())} background")
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last jet of each distinct score
+    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
+    return np.r_[0, fp / fp[-1]], np.r_[0, tp / tp[-1]]
+
+
 def summary_metrics(real_x, real_mask, gen_x, gen_mask, n_batches: int = 5, batch_size: int | None = None,
                     seed: int = 0, n_jobs: int = 1) -> dict:
     """Every metric for two samples of padded scaled features, as a flat dict of floats.

@@ -1,5 +1,5 @@
 """``omnijet generate``: generated jets in a JetClass-schema ROOT file and their tokens beside it;
-top-k sampling in GPT.generate."""
+top-k and top-p sampling in GPT.generate."""
 
 import json
 
@@ -13,7 +13,7 @@ from omnijet_lib.data.jetclass import read_jetclass, write_jetclass_chunks
 from omnijet_lib.data.shards import TokenShardDataset, read_shard
 from omnijet_lib.data.validate import check_jets
 from omnijet_lib.io import OmnijetError
-from omnijet_lib.models.gpt import GPT, GPTConfig
+from omnijet_lib.models.gpt import GPT, GPTConfig, sample_tokens
 from omnijet_lib.studies.generation import decode_generated, generate_to_root, generated_label
 from omnijet_lib.training.gpt import open_backbone
 
@@ -126,6 +126,8 @@ def test_chunks_do_not_change_the_sequences_and_empty_jets_are_replaced(tiny_sto
 @pytest.mark.parametrize("args, message", [
     (["--top-k", 0], "top_k must be in 1..17"),
     (["--top-k", 18], "top_k must be in 1..17"),
+    (["--top-p", 0], "top_p must be a number in \\(0, 1\\], got 0.0"),
+    (["--top-p", 1.5], "top_p must be a number in \\(0, 1\\]"),
     (["-n", -1], "n_jets must be an integer >= 1, got -1"),
     (["-n", 0], "n_jets must be an integer >= 1"),
     (["--temperature", 0], "temperature must be a number > 0"),
@@ -240,3 +242,61 @@ def test_top_k_of_every_token_is_no_filter_and_reference_agrees():
 def test_bad_top_k_is_refused(top_k):
     with pytest.raises(OmnijetError, match="generate: top_k must be"):
         small_gpt().generate(2, top_k=top_k)
+
+
+# ---------------------------------------------------------------------------- top-p (nucleus) sampling
+P4 = np.array([0.1, 0.4, 0.2, 0.3])  # a next-token distribution, not in probability order
+
+
+def _drawn(n=1000, temperature=1.0, **kw) -> np.ndarray:
+    """How often each token of P4 is drawn with evenly spaced uniforms: the counts are the
+    renormalised probabilities of the candidates, times n (up to rounding)."""
+    u = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+    logits = torch.log(torch.tensor(P4, dtype=torch.float32)).expand(n, -1)
+    return np.bincount(sample_tokens(logits, u, temperature, **kw).numpy(), minlength=len(P4))
+
+
+@pytest.mark.parametrize("top_p, nucleus", [(0.35, [1]), (0.65, [1, 3]), (0.85, [1, 3, 2]), (0.95, [1, 3, 2, 0])])
+def test_top_p_draws_from_the_smallest_set_of_most_probable_tokens_reaching_p(top_p, nucleus):
+    counts = _drawn(top_p=top_p)
+    assert set(np.flatnonzero(counts)) == set(nucleus)
+    np.testing.assert_allclose(counts[nucleus], 1000 * P4[nucleus] / P4[nucleus].sum(), atol=1)
+
+
+def test_top_p_applies_after_temperature_and_top_k():
+    # temperature 2 flattens P4 to ∝ sqrt(P4) = .33, .28, .23, .16: 0.65 then needs three tokens
+    assert set(np.flatnonzero(_drawn(top_p=0.65))) == {1, 3}
+    assert set(np.flatnonzero(_drawn(top_p=0.65, temperature=2.0))) == {1, 3, 2}
+    # top_k 2 first: .4 and .3 renormalised to .57, .43; 0.95 keeps both, 0.5 the first only
+    assert set(np.flatnonzero(_drawn(top_k=2, top_p=0.95))) == {1, 3}
+    assert set(np.flatnonzero(_drawn(top_k=2, top_p=0.5))) == {1}
+
+
+def test_tiny_top_p_is_greedy_and_top_p_1_is_no_filter_and_reference_agrees():
+    model = small_gpt(seed=3)
+    kw = dict(n_jets=20, batch_size=8, max_constituents=12)
+    greedy, _ = model.generate(top_k=1, generator=torch.Generator().manual_seed(0), **kw)
+    tiny, _ = model.generate(top_p=1e-6, generator=torch.Generator().manual_seed(5), **kw)
+    assert np.array_equal(tiny, greedy)
+    free, _ = model.generate(generator=torch.Generator().manual_seed(3), **kw)
+    whole, _ = model.generate(top_p=1.0, generator=torch.Generator().manual_seed(3), **kw)
+    assert np.array_equal(free, whole)
+    half, _ = model.generate(top_p=0.5, generator=torch.Generator().manual_seed(3), **kw)
+    ref, _ = model.generate_reference(top_p=0.5, generator=torch.Generator().manual_seed(3), **kw)
+    assert np.array_equal(half, ref) and not np.array_equal(half, free)
+
+
+@pytest.mark.parametrize("top_p", [0, -0.1, 1.5, float("nan"), True, "0.5"])
+def test_bad_top_p_is_refused(top_p):
+    with pytest.raises(OmnijetError, match="generate: top_p must be a number in"):
+        small_gpt().generate(2, top_p=top_p)
+
+
+def test_generate_top_p_option_is_recorded_and_a_tiny_one_is_greedy(tiny_store, tmp_path, capsys):
+    for seed in (1, 2):
+        status, _, stderr = _generate(capsys, "--backbone", _backbone(tiny_store), "-n", 50, "--seed", seed,
+                                      "--out", tmp_path / f"p{seed}.root", "--top-p", 1e-6)
+        assert status == 0, stderr
+    assert _same(_arrays(tmp_path / "p1.root"), _arrays(tmp_path / "p2.root"))
+    man = json.loads((tmp_path / "p1.tokens" / "manifest.json").read_text())
+    assert man["top_p"] == 1e-6 and man["top_k"] is None

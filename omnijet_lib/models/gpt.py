@@ -16,6 +16,12 @@ than the model), single-query attention as two small matmuls, and on CPUs the he
 cache-sized column blocks. Both take their random numbers from one table ``u[jet, step]`` of uniforms
 drawn up front, so with the same ``generator`` they return identical sequences. ``top_k`` restricts
 each draw to the k most probable next tokens (renormalised); ``top_k=1`` is greedy decoding.
+``top_p`` (nucleus sampling) to the fewest most probable tokens whose probabilities sum to at least p.
+
+Likelihood. :func:`log_likelihood` gives every jet the exact log-probability the model assigns to
+its tokens, ``sum_t log p(token_t | tokens before)``, under the distribution the sampler draws from
+at temperature 1 (softmax over the codes and stop; the start token is never drawn): on generated
+jets it is the sum of the logs of the sampler's step probabilities.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ import torch.nn.functional as F
 
 from ..io import OmnijetError
 
-__all__ = ["GPTConfig", "GPT", "head_cross_entropy", "sample_tokens", "draw_uniforms", "sequences_to_codes"]
+__all__ = ["GPTConfig", "GPT", "head_cross_entropy", "sample_tokens", "draw_uniforms", "sequences_to_codes",
+           "check_sequences", "log_likelihood"]
 
 START = 0  # start token id; codes are shifted by +1, the stop token is vocab_size - 1
 HEAD_BLOCK = 512  # vocabulary columns per head GEMM when sampling on a CPU
@@ -176,8 +183,10 @@ class GPT(nn.Module):
         return head_cross_entropy(h, self.head.weight, self.head.bias, tgt[valid])
 
     # ------------------------------------------------------------------ sampling
-    def _check_generate(self, n_jets, batch_size, temperature, max_constituents, top_k) -> tuple[int, int | None]:
-        """``(max_constituents, top_k)`` checked; top_k None when it keeps every drawable token."""
+    def _check_generate(self, n_jets, batch_size, temperature, max_constituents, top_k,
+                        top_p) -> tuple[int, int | None, float | None]:
+        """``(max_constituents, top_k, top_p)`` checked; top_k None when it keeps every drawable
+        token, top_p None when it is 1."""
         if max_constituents is None:
             max_constituents = self.config.max_len - 2  # 128 for the paper's sequences
         n_drawable = self.config.vocab_size - 1  # the codes and stop; start is never drawn
@@ -194,13 +203,16 @@ class GPT(nn.Module):
                                f"got {max_constituents}")
         if top_k is not None and not 1 <= top_k <= n_drawable:
             raise OmnijetError(f"generate: top_k must be in 1..{n_drawable} (the codes and stop), got {top_k}")
+        if top_p is not None and not (isinstance(top_p, numbers.Real) and not isinstance(top_p, bool)
+                                      and 0 < top_p <= 1):
+            raise OmnijetError(f"generate: top_p must be a number in (0, 1], got {top_p!r}")
         need, have = self._generate_bytes(n_jets, batch_size, max_constituents), _physical_memory()
         if have is not None and need > have:
             raise OmnijetError(f"generate: {n_jets:,} jets of up to {max_constituents} constituents (batch_size "
                                f"{batch_size}) need about {need / 2**30:,.1f} GiB, more than the {have / 2**30:.1f} "
                                "GiB of this machine; generate fewer jets per call (or use a smaller batch_size)")
-        # keeping every token is no filter: the same draws as without top_k
-        return max_constituents, (None if top_k == n_drawable else top_k)
+        # keeping every token is no filter: the same draws as without top_k / top_p
+        return max_constituents, (None if top_k == n_drawable else top_k), (None if top_p == 1 else top_p)
 
     def _generate_bytes(self, n_jets: int, batch_size: int, steps: int) -> int:
         """Memory a generation run needs at least: the tables of all jets (uniforms in float32;
@@ -212,7 +224,7 @@ class GPT(nn.Module):
     @torch.inference_mode()  # less per-op bookkeeping than no_grad: ~70 small ops per step
     def generate(self, n_jets: int, batch_size: int = 256, temperature: float = 1.0,
                  generator: torch.Generator | None = None, max_constituents: int | None = None,
-                 top_k: int | None = None):
+                 top_k: int | None = None, top_p: float | None = None):
         """Sample ``n_jets`` jets with a key/value cache.
 
         Returns numpy ``(seq, mask)``: seq (N, max_constituents + 2) int64 laid out like the
@@ -226,20 +238,24 @@ class GPT(nn.Module):
         so a count needing more memory than the machine has is refused (generate in parts).
         ``top_k``: draw from the k most probable next tokens only (stop among the candidates),
         renormalised; ``top_k=1`` is greedy decoding (the same jets whatever the generator).
+        ``top_p`` in (0, 1]: draw from the smallest set of most probable next tokens whose
+        probabilities (after temperature and top_k) sum to at least p, renormalised; 1 is no filter.
         """
-        max_constituents, top_k = self._check_generate(n_jets, batch_size, temperature, max_constituents, top_k)
+        max_constituents, top_k, top_p = self._check_generate(n_jets, batch_size, temperature, max_constituents,
+                                                              top_k, top_p)
         u = draw_uniforms(n_jets, max_constituents, generator)
         out = np.zeros((n_jets, max_constituents + 2), np.int64)
         was_training = self.training
         self.eval()
         try:
             for s in range(0, n_jets, batch_size):
-                out[s:s + batch_size] = self._generate_batch(u[s:s + batch_size], temperature, top_k).cpu().numpy()
+                out[s:s + batch_size] = self._generate_batch(u[s:s + batch_size], temperature, top_k,
+                                                             top_p).cpu().numpy()
         finally:
             self.train(was_training)
         return _finish(out, self.config.stop_token)
 
-    def _generate_batch(self, u, temperature: float, top_k: int | None = None):
+    def _generate_batch(self, u, temperature: float, top_k: int | None = None, top_p: float | None = None):
         """u (B, S) uniforms -> tokens (B, S + 2) with start at 0 and stop somewhere."""
         cfg, p = self.config, next(self.parameters())
         dev, dt = p.device, p.dtype
@@ -267,7 +283,7 @@ class GPT(nn.Module):
             step = HEAD_BLOCK if dev.type == "cpu" and n >= 64 else V - 1
             for c in range(0, V - 1, step):
                 torch.addmm(b[c:c + step], x, w_t[:, c:c + step], out=logits[:, c:c + step])
-            nxt = _inverse_cdf(logits, u[t, rows[:n]], temperature, cdf[:n], top_k) + 1  # (n,)
+            nxt = _inverse_cdf(logits, u[t, rows[:n]], temperature, cdf[:n], top_k, top_p) + 1  # (n,)
             tokens[rows[:n], t + 1] = nxt
             fin = nxt == cfg.stop_token
             n_fin = int(fin.sum())
@@ -293,11 +309,12 @@ class GPT(nn.Module):
     @torch.inference_mode()
     def generate_reference(self, n_jets: int, batch_size: int = 256, temperature: float = 1.0,
                            generator: torch.Generator | None = None, max_constituents: int | None = None,
-                           top_k: int | None = None):
+                           top_k: int | None = None, top_p: float | None = None):
         """The original algorithm: every step re-runs the model (and the head on every position)
         on the whole prefix; always ``max_constituents`` steps, no cache, no early exit. Same
-        random draws, ``top_k`` and output format as :meth:`generate`."""
-        max_constituents, top_k = self._check_generate(n_jets, batch_size, temperature, max_constituents, top_k)
+        random draws, ``top_k``, ``top_p`` and output format as :meth:`generate`."""
+        max_constituents, top_k, top_p = self._check_generate(n_jets, batch_size, temperature, max_constituents,
+                                                              top_k, top_p)
         u = draw_uniforms(n_jets, max_constituents, generator)
         out = np.zeros((n_jets, max_constituents + 2), np.int64)
         dev = next(self.parameters()).device
@@ -309,7 +326,7 @@ class GPT(nn.Module):
                 seq = torch.full((len(ub), 1), START, dtype=torch.long, device=dev)
                 for t in range(max_constituents):
                     logits = self.forward(seq)[:, -1, 1:]  # (B, V-1), start token excluded
-                    nxt = _inverse_cdf(logits, ub[:, t].to(logits.dtype), temperature, top_k=top_k) + 1
+                    nxt = _inverse_cdf(logits, ub[:, t].to(logits.dtype), temperature, top_k=top_k, top_p=top_p) + 1
                     seq = torch.cat([seq, nxt[:, None]], 1)
                 stop = torch.full((len(ub), 1), self.config.stop_token, dtype=torch.long, device=dev)
                 out[s:s + batch_size] = torch.cat([seq, stop], 1).cpu().numpy()
@@ -389,17 +406,26 @@ def draw_uniforms(n_jets: int, steps: int, generator: torch.Generator | None = N
     return torch.rand(n_jets, steps, generator=generator)
 
 
-def _inverse_cdf(logits, u, temperature: float, cdf=None, top_k: int | None = None):
+def _inverse_cdf(logits, u, temperature: float, cdf=None, top_k: int | None = None, top_p: float | None = None):
     """Index drawn from softmax(logits / temperature) by inverse CDF: logits (n, V), u (n,).
 
     Exact up to float rounding; tokens whose probability underflows to 0 are never drawn.
     ``logits`` is overwritten when it is a buffer (it is used as scratch space). ``top_k``: the
     draw is among the k largest logits only (exactly k, ties broken by ``torch.topk``), in
-    descending order, so k = 1 returns the argmax whatever ``u``.
+    descending order, so k = 1 returns the argmax whatever ``u``. ``top_p`` (after top_k): among
+    the fewest largest logits whose probabilities sum to at least p (at least one).
     """
-    if top_k is not None:
-        best, idx = logits.topk(top_k, dim=1)  # (n, k), sorted
-        return idx.gather(1, _inverse_cdf(best, u, temperature)[:, None]).squeeze(1)
+    if top_k is not None or top_p is not None:
+        # the candidates in descending order: the inverse CDF then walks the most probable first
+        best, idx = logits.topk(top_k, dim=1) if top_k is not None else logits.sort(dim=1, descending=True)
+        if top_p is None:
+            return idx.gather(1, _inverse_cdf(best, u, temperature)[:, None]).squeeze(1)
+        p = torch.softmax(best / temperature, 1)
+        nucleus = (p.cumsum(1) - p) < top_p  # the probability before this token falls short of p
+        pick = _inverse_cdf(best.masked_fill(~nucleus, -torch.inf), u, temperature)
+        # u * total rounding up to the total would step past the nucleus
+        pick = torch.minimum(pick, nucleus.sum(1) - 1)
+        return idx.gather(1, pick[:, None]).squeeze(1)
     p = logits if cdf is not None else logits.clone()
     p.sub_(p.amax(1, keepdim=True))
     if temperature != 1.0:
@@ -411,9 +437,9 @@ def _inverse_cdf(logits, u, temperature: float, cdf=None, top_k: int | None = No
     return idx.clamp_(max=logits.shape[1] - 1)
 
 
-def sample_tokens(logits, u, temperature: float = 1.0, top_k: int | None = None):
+def sample_tokens(logits, u, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
     """Public form of the sampler: one index per row of ``logits`` (n, V) from uniforms u (n,)."""
-    return _inverse_cdf(logits.clone(), u.to(logits.dtype), temperature, top_k=top_k)
+    return _inverse_cdf(logits.clone(), u.to(logits.dtype), temperature, top_k=top_k, top_p=top_p)
 
 
 def _finish(tokens: np.ndarray, stop: int):
@@ -430,3 +456,89 @@ def sequences_to_codes(seq, mask, vocab_size: int):
     seq, mask = np.asarray(seq), np.asarray(mask, bool)
     body, m = seq[:, 1:-1], mask[:, 1:-1] & (seq[:, 1:-1] != vocab_size - 1)
     return np.where(m, body - 1, -1), m
+
+
+def check_sequences(seq, mask, vocab_size: int, max_len: int, name: str = "seq"):
+    """Validate tokenizer sequences; returns (seq int64, mask bool) numpy arrays or raises
+    :class:`OmnijetError` naming the problem."""
+    seq, mask = np.asarray(seq), np.asarray(mask)
+    if seq.ndim != 2 or seq.shape != mask.shape:
+        raise OmnijetError(f"{name}: expected (N, L) token ids and a mask of the same shape, "
+                           f"got {seq.shape} and {mask.shape}")
+    if not np.issubdtype(seq.dtype, np.integer):
+        raise OmnijetError(f"{name}: token ids must be integers, got {seq.dtype}")
+    if seq.shape[1] > max_len:
+        raise OmnijetError(f"{name}: sequences have {seq.shape[1]} positions, the model allows {max_len}")
+    seq, mask = seq.astype(np.int64), mask.astype(bool)
+    n = mask.sum(1)
+    if len(seq) and n.min() < 2:
+        raise OmnijetError(f"{name}: jet {int(np.argmin(n))} has fewer than 2 tokens (start and stop)")
+    if np.any(mask[:, 1:] & ~mask[:, :-1]):
+        raise OmnijetError(f"{name}: mask must be a prefix (real tokens first, padding after stop)")
+    real = seq[mask]
+    if real.size and (real.min() < 0 or real.max() >= vocab_size):
+        raise OmnijetError(f"{name}: token ids span {real.min()}..{real.max()}, outside the vocabulary "
+                           f"0..{vocab_size - 1} (vocab_size {vocab_size})")
+    if len(seq) and np.any(seq[:, 0] != 0):
+        raise OmnijetError(f"{name}: every sequence must begin with the start token 0")
+    if len(seq) and np.any(seq[np.arange(len(seq)), n - 1] != vocab_size - 1):
+        raise OmnijetError(f"{name}: every sequence must end with the stop token {vocab_size - 1} "
+                           f"(is the vocabulary K + 2 of the tokenizer's codebook?)")
+    return seq, mask
+
+
+# ---------------------------------------------------------------------- likelihood
+@torch.inference_mode()
+def log_likelihood(model: GPT, seq, mask, batch_size: int = 1024) -> dict:
+    """The log-probability ``model`` gives each jet: ``{"total", "n_tokens", "per_token"}``, numpy (N,).
+
+    ``seq``, ``mask`` (N, L), numpy or torch: sequences as the GPT is trained on them (start 0,
+    code+1, stop K+1; the mask covers start..stop). ``total`` (float64) is the sum over every
+    predicted token (each code and the stop; the start is given) of ``log p(token | tokens
+    before)``, natural log; ``n_tokens`` (int64) their number, the constituents + 1; ``per_token``
+    = total / n_tokens. The distribution is the sampler's at temperature 1 (softmax over the codes
+    and stop, the start token is never drawn), so on jets of :meth:`GPT.generate` the total is the
+    sum of the logs of the probabilities each token was drawn with. One exception: a jet that
+    reached ``max_constituents`` got a forced stop, which the sampler did not draw; here it counts
+    like any stop, log p(stop | its constituents): the likelihood of exactly these constituents
+    and no more, lower than the probability of drawing them.
+
+    Jets go in batches of ``batch_size`` sorted by length, each trimmed to its longest jet, one
+    forward pass per batch (eval mode) on the model's device; the result does not depend on the
+    batching (up to float rounding) and is in input order."""
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
+        raise OmnijetError(f"log_likelihood: batch_size must be an integer >= 1, got {batch_size!r}")
+    seq, mask = (a.detach().cpu().numpy() if torch.is_tensor(a) else a for a in (seq, mask))
+    cfg, dev = model.config, next(model.parameters()).device
+    seq, mask = check_sequences(seq, mask, cfg.vocab_size, cfg.max_len, name="log_likelihood")
+    n_tokens = mask.sum(1) - 1
+    total = np.zeros(len(seq))
+    order = np.argsort(n_tokens, kind="stable")
+    weight, bias = model.head.weight[1:], model.head.bias[1:]  # the drawable ids 1..V-1, as the sampler
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(seq), batch_size):
+            rows = order[s:s + batch_size]
+            width = int(n_tokens[rows].max()) + 1  # start and the predicted tokens
+            x = torch.from_numpy(seq[rows, :width]).to(dev)
+            m = torch.from_numpy(mask[rows, :width]).to(dev)
+            predicted = m[:, 1:]  # (B, width-1): the token at t+1 is real
+            h = model.backbone(x[:, :-1], m[:, :-1])[predicted]  # (M, C)
+            per_token = torch.zeros(predicted.shape, dtype=torch.float64, device=dev)
+            per_token[predicted] = _token_log_probs(h, weight, bias, x[:, 1:][predicted] - 1)
+            total[rows] = per_token.sum(1).cpu().numpy()
+    finally:
+        model.train(was_training)
+    return {"total": total, "n_tokens": n_tokens, "per_token": total / n_tokens}
+
+
+def _token_log_probs(h, weight, bias, target):
+    """``log_softmax(h @ weight.T + bias)[target]`` per row, float64: h (M, C), target (M,), in
+    row chunks of ~4M logits (the (M, V) logits of a batch of long jets would not fit)."""
+    out = torch.empty(len(h), dtype=torch.float64, device=h.device)
+    chunk = max(64, 4_194_304 // weight.shape[0])
+    for s in range(0, len(h), chunk):
+        z = torch.addmm(bias, h[s:s + chunk], weight.t()).double()  # the sampler's logits, in float64
+        out[s:s + chunk] = z.gather(1, target[s:s + chunk, None])[:, 0] - z.logsumexp(1)
+    return out

@@ -35,7 +35,8 @@ from ..training.store import ModelRequest, ModelStore, Run, data_identity, find_
 from ..training.transfer import STRATEGIES, evaluate, paper_patience, train_transfer
 from ..training.vqvae import TOKENIZER_FILE
 
-__all__ = ["CLASSIFIER_FILE", "jet_sequences", "finetune_files", "classify_files", "write_scores"]
+__all__ = ["CLASSIFIER_FILE", "jet_sequences", "finetune_files", "finetune_sequences", "score_rows", "classify_files", "scores_path",
+           "write_scores"]
 
 CLASSIFIER_FILE = "classifier.safetensors"  # the weights in a classifier's run folder
 RESULT_FILE = "result.json"  # its validation and test metrics
@@ -92,14 +93,9 @@ def finetune_files(backbone: Backbone, store: ModelStore, train_files, classes, 
                    trainer: dict | None = None, progress=print) -> tuple[dict, Run]:
     """Train a classifier of ``classes`` (names or indices; 2 = binary, label 1 the second) on
     ``backbone`` with ``strategy`` (finetune, frozen, from_scratch) and the labelled jets of
-    ``train_files``; returns its ``result`` (validation and test accuracy, AUC, loss, jet counts,
-    epochs) and its run in ``store``."""
-    if strategy not in STRATEGIES:
-        raise OmnijetError(f"--strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
-    idx = [class_index(c) for c in classes]
-    if len(set(idx)) != len(idx) or len(idx) < 2:
-        raise OmnijetError(f"classes {list(classes)}: need at least two different classes")
-    names = [CLASS_LABELS[i] for i in idx]
+    ``train_files`` (:func:`finetune_sequences`); returns its ``result`` (validation and test
+    accuracy, AUC, loss, jet counts) and its run in ``store``."""
+    idx = _classes(classes)
     tok = backbone.tokenizer
     jets, y = _labelled(train_files, idx, "--train")
     seq, mask = jet_sequences(tok, jets)
@@ -117,26 +113,57 @@ def finetune_files(backbone: Backbone, store: ModelStore, train_files, classes, 
     tr = pool if n_train is None else _balanced(pool, y, n_train, len(idx), seed)
     if n_train is None and len(np.unique(y[tr])) < len(idx):
         raise OmnijetError(f"--train {train_files}: too few jets to train on every class")
-    patience = paper_patience(len(tr)) if patience is None else patience
-    settings = {"backbone": backbone.run.name, "backbone_name": backbone.run.parent.name,
-                "tokenizer": backbone.tokenizer_run.name, "classes": names, "strategy": strategy,
-                "n_train": len(tr), "max_epochs": max_epochs, "patience": patience, "batch_size": batch_size,
-                "lr": lr, "seed": seed, "trainer": trainer or {}}
     source = {"train": _files_source(train_files), "val": _files_source(val_files) if val_files else "20% of train",
               "test": _files_source(test_files) if test_files else "20% of train"}
-    data = data_identity(source, seq[tr], mask[tr], y[tr], *sets["val"], *sets["test"])
-    name = f"classifier_{strategy}_{'_'.join(names)}" if len(names) <= 3 else f"classifier_{strategy}_{len(names)}class"
-    progress(f"{len(tr)} training jets ({', '.join(f'{n} {int((y[tr] == i).sum())}' for i, n in enumerate(names))}), "
-             f"{len(sets['val'][2])} validation, {len(sets['test'][2])} test; backbone {backbone.run}")
+    _, result, run = finetune_sequences(backbone, store, (seq[tr], mask[tr], y[tr]), sets["val"], sets["test"], idx,
+                                        source, strategy=strategy, max_epochs=max_epochs, patience=patience,
+                                        batch_size=batch_size, lr=lr, seed=seed, trainer=trainer, progress=progress)
+    return result, run
 
-    def train(run_dir: Path) -> dict:
+
+def _classes(classes) -> list[int]:
+    idx = [class_index(c) for c in classes]
+    if len(set(idx)) != len(idx) or len(idx) < 2:
+        raise OmnijetError(f"classes {list(classes)}: need at least two different classes")
+    return idx
+
+
+def finetune_sequences(backbone: Backbone, store: ModelStore, train, val=None, test=None, classes=("QCD", "Tbqq"),
+                       source: dict | None = None, *, strategy: str = "finetune", max_epochs: int = 30,
+                       patience: int | None = None, batch_size: int = 64, lr: float = 1e-4, seed: int = 0,
+                       trainer: dict | None = None, progress=print):
+    """``(classifier, result, Run)``: the classifier of ``classes`` fine-tuned from ``backbone`` on
+    token sequences ``train = (seq, mask, labels 0..)``, early-stopped on ``val`` (default: a
+    per-class 20% of ``train``), evaluated on ``test`` (when given), as a run of ``store``
+    (``source`` says where the jets come from; the arrays themselves are part of its identity)."""
+    if strategy not in STRATEGIES:
+        raise OmnijetError(f"--strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    idx = _classes(classes)
+    names = [CLASS_LABELS[i] for i in idx]
+    tok = backbone.tokenizer
+    if val is None:
+        tr, va = _per_class_split(np.asarray(train[2]), (0.8, 0.2), seed)
+        train, val = tuple(a[tr] for a in train), tuple(a[va] for a in train)
+    sets = {"val": val, **({"test": test} if test is not None else {})}
+    patience = paper_patience(len(train[2])) if patience is None else patience
+    settings = {"backbone": backbone.run.name, "backbone_name": backbone.run.parent.name,
+                "tokenizer": backbone.tokenizer_run.name, "classes": names, "strategy": strategy,
+                "n_train": len(train[2]), "max_epochs": max_epochs, "patience": patience, "batch_size": batch_size,
+                "lr": lr, "seed": seed, "trainer": trainer or {}}
+    data = data_identity(source or {}, *train, *(a for part in sets.values() for a in part))
+    name = f"classifier_{strategy}_{'_'.join(names)}" if len(names) <= 3 else f"classifier_{strategy}_{len(names)}class"
+    y = np.asarray(train[2])
+    progress(f"{len(y)} training jets ({', '.join(f'{n} {int((y == i).sum())}' for i, n in enumerate(names))}), "
+             + ", ".join(f"{len(part[2])} {key}" for key, part in sets.items()) + f"; backbone {backbone.run}")
+
+    def fit(run_dir: Path) -> dict:
         t0 = time.perf_counter()
-        model = train_transfer(strategy, seq[tr], mask[tr], y[tr], sets["val"], backbone.run / GPT_FILE,
-                               tok.vocab_size, out_dir=run_dir, max_epochs=max_epochs, patience=patience, lr=lr,
-                               batch_size=batch_size, trainer=trainer, seed=seed, n_classes=len(idx))
+        model = train_transfer(strategy, *train, val, backbone.run / GPT_FILE, tok.vocab_size, out_dir=run_dir,
+                               max_epochs=max_epochs, patience=patience, lr=lr, batch_size=batch_size,
+                               trainer=trainer, seed=seed, n_classes=len(idx))
         seconds = time.perf_counter() - t0
         save_model(run_dir / CLASSIFIER_FILE, model, classes=names, tokenizer=str(backbone.tokenizer_run.resolve()))
-        result = {"classes": names, "strategy": strategy, "n_train": len(tr), "train_seconds": round(seconds, 1)}
+        result = {"classes": names, "strategy": strategy, "n_train": len(y), "train_seconds": round(seconds, 1)}
         for key, (s, m, yy) in sets.items():
             result[key] = {"jets": len(yy), **evaluate(model, s, m, yy)}
         write_json(run_dir / RESULT_FILE, result)
@@ -144,8 +171,9 @@ def finetune_files(backbone: Backbone, store: ModelStore, train_files, classes, 
             ckpt.unlink()
         return result
 
-    return store.get(ModelRequest(name, settings, data), train=train,
-                     load=lambda run_dir: json.loads((run_dir / RESULT_FILE).read_text()))
+    result, run = store.get(ModelRequest(name, settings, data), train=fit,
+                            load=lambda run_dir: json.loads((run_dir / RESULT_FILE).read_text()))
+    return load_classifier(run.path / CLASSIFIER_FILE)[0], result, run
 
 
 def classify_files(model, files, batch_size: int = 1024, device: str = "cpu", progress=print) -> dict:
@@ -160,32 +188,51 @@ def classify_files(model, files, batch_size: int = 1024, device: str = "cpu", pr
     if not (tok_run / TOKENIZER_FILE).is_file():
         raise OmnijetError(f"--model {run}: its tokenizer {tok_run} is gone")
     tok = load_tokenizer(tok_run / TOKENIZER_FILE).to(device).eval()
-    rows = {"source_file": [], "entry": [], "label": [], "p": []}
+
+    def probabilities(seq, mask):
+        p = predict_proba(clf, seq, mask, batch_size)
+        return {f"p_{c}": p[:, i] for i, c in enumerate(extra.get("classes", range(p.shape[1])))}
+
+    return score_rows(tok, files, probabilities, progress)
+
+
+def score_rows(tok, files, score, progress=print) -> dict:
+    """One row per jet of ``files`` (JetClass schema, read chunk by chunk), in file order:
+    ``{"source_file", "entry" (in its file), "label" (its class in the file, 0..9 in JetClass order),
+    and the columns of score(seq, mask)}``; ``score`` maps the token sequences of a chunk of jets
+    (tokenizer ``tok``) to a dict of per-jet arrays."""
+    rows = {"source_file": [], "entry": [], "label": []}
+    columns = {}
     for path in input_files(files):
         entry = 0
         for jets in iter_jetclass(path):
-            seq, mask = jet_sequences(tok, jets)
-            rows["p"].append(predict_proba(clf, seq, mask, batch_size))
+            for key, value in score(*jet_sequences(tok, jets)).items():
+                columns.setdefault(key, []).append(np.asarray(value))
             rows["source_file"] += [str(path)] * len(jets)
             rows["entry"].append(np.arange(entry, entry + len(jets)))
             rows["label"].append(np.asarray(jets.label))
             entry += len(jets)
         progress(f"{path}: {entry} jets scored")
-    if not rows["p"]:
+    if not rows["entry"]:
         raise OmnijetError(f"--in {files}: no jets")
-    p = np.concatenate(rows["p"])
     out = {"source_file": np.array(rows["source_file"]), "entry": np.concatenate(rows["entry"]),
            "label": np.concatenate(rows["label"]).astype(np.int64)}
-    return {**out, **{f"p_{c}": p[:, i] for i, c in enumerate(extra.get("classes", range(p.shape[1])))}}
+    return {**out, **{key: np.concatenate(parts) for key, parts in columns.items()}}
 
 
-def write_scores(scores: dict, out: str | os.PathLike) -> Path:
-    """Write the rows of :func:`classify_files` atomically: ``.npz`` (numpy) or ``.parquet``."""
+def scores_path(out: str | os.PathLike) -> Path:
+    """``out`` as a path :func:`write_scores` can write, or a one-line error about ``--out``."""
     out = Path(out)
     if out.suffix not in (".npz", ".parquet"):
         raise OmnijetError(f"--out {out}: write .npz or .parquet")
     if not out.parent.is_dir():
         raise OmnijetError(f"--out {out}: folder {out.parent} does not exist")
+    return out
+
+
+def write_scores(scores: dict, out: str | os.PathLike) -> Path:
+    """Write score rows (:func:`score_rows`) atomically: ``.npz`` (numpy) or ``.parquet``."""
+    out = scores_path(out)
     with atomic_path(out) as tmp:
         if out.suffix == ".npz":
             with open(tmp, "wb") as f:

@@ -309,8 +309,8 @@ def generated_label(backbone_run) -> int:
 
 
 def generate_to_root(backbone, n_jets: int, out, *, temperature: float = 1.0, top_k: int | None = None,
-                     seed: int = 0, batch_size: int = 256, chunk: int = 10_000, overwrite: bool = False,
-                     progress=print) -> dict:
+                     top_p: float | None = None, seed: int = 0, batch_size: int = 256, chunk: int = 10_000,
+                     overwrite: bool = False, progress=print) -> dict:
     """Generate ``n_jets`` jets with ``backbone`` (:func:`~omnijet_lib.training.gpt.open_backbone`)
     into one JetClass-schema ROOT file ``out`` and their token sequences into the shard folder
     beside it (``g.root`` → ``g.tokens/``: shards in the format of ``omnijet tokenize``, with a
@@ -331,9 +331,9 @@ def generate_to_root(backbone, n_jets: int, out, *, temperature: float = 1.0, to
     and counted, and generation continues until ``n_jets`` jets have constituents. The uniforms come
     from one stream seeded by ``seed`` and jets are batched in whole batches of ``batch_size``
     (at most ``n_jets``) from its start, so the token sequences depend on the backbone, ``seed``,
-    ``temperature``, ``top_k``, ``batch_size`` and ``n_jets`` only, not on ``chunk`` (the tokenizer
-    decodes each chunk in its own length batches: another ``chunk`` changes the 4-vectors by float
-    rounding, ~1e-6 relative). The same arguments give the same arrays; ``top_k=1`` (greedy) gives
+    ``temperature``, ``top_k``, ``top_p``, ``batch_size`` and ``n_jets`` only, not on ``chunk`` (the
+    tokenizer decodes each chunk in its own length batches: another ``chunk`` changes the 4-vectors
+    by float rounding, ~1e-6 relative). The same arguments give the same arrays; ``top_k=1`` (greedy) gives
     the same jets for every seed.
 
     Returns ``{out, tokens, jets, generated, empty, label, seconds, jets_per_second}``."""
@@ -376,7 +376,7 @@ def generate_to_root(backbone, n_jets: int, out, *, temperature: float = 1.0, to
             done = stats["jets"]
             want = min(chunk, -(-(n_jets - done) // batch) * batch)
             seq, mask = gpt.generate(want, batch_size=batch, temperature=temperature, generator=generator,
-                                     top_k=top_k)
+                                     top_k=top_k, top_p=top_p)
             filled = np.flatnonzero(mask.sum(1) > 2)  # start and stop only: an empty jet
             stats["generated"] += want
             stats["empty"] += want - len(filled)
@@ -409,8 +409,8 @@ def generate_to_root(backbone, n_jets: int, out, *, temperature: float = 1.0, to
         write_json(work / "tokens" / MANIFEST, {
             "kind": "generated", "root": out.name, "backbone": str(backbone.run),
             "tokenizer": str(backbone.tokenizer_run / TOKENIZER_FILE), "num_codes": tok.num_codes, "seed": seed,
-            "temperature": temperature, "top_k": top_k, "batch_size": batch, "label": CLASS_LABELS[label],
-            "shards": shards, "jets": n_jets, "tokens": sum(s["tokens"] for s in shards),
+            "temperature": temperature, "top_k": top_k, "top_p": top_p, "batch_size": batch,
+            "label": CLASS_LABELS[label], "shards": shards, "jets": n_jets, "tokens": sum(s["tokens"] for s in shards),
             "class_counts": np.sum([s["class_counts"] for s in shards], axis=0).tolist(), "complete": True})
         if tokens_dir.exists() or tokens_dir.is_symlink():  # --overwrite: the old folder goes with the work folder
             os.replace(tokens_dir, work / "replaced")

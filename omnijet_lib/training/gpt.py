@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..io import OmnijetError, load_model, save_model
-from ..models.gpt import GPT, GPTConfig
+from ..models.gpt import GPT, GPTConfig, check_sequences  # check_sequences: re-exported
 from .batching import PaddedDataset, make_loader
 from .fit import TrainConfig, first_epoch_factor, fit, lr_scheduler, one_cycle
 from .store import ModelRequest, ModelStore, data_identity, find_run, tokenizer_run_of
@@ -73,35 +73,6 @@ class GPTModule(pl.LightningModule):
         if self.schedule == "official":
             return lr_scheduler(opt, first_epoch_factor(self.first_epoch_lr_factor))
         return lr_scheduler(opt, one_cycle(self.trainer.estimated_stepping_batches), "step")
-
-
-def check_sequences(seq, mask, vocab_size: int, max_len: int, name: str = "seq"):
-    """Validate tokenizer sequences; returns (seq int64, mask bool) numpy arrays or raises
-    :class:`OmnijetError` naming the problem."""
-    seq, mask = np.asarray(seq), np.asarray(mask)
-    if seq.ndim != 2 or seq.shape != mask.shape:
-        raise OmnijetError(f"{name}: expected (N, L) token ids and a mask of the same shape, "
-                           f"got {seq.shape} and {mask.shape}")
-    if not np.issubdtype(seq.dtype, np.integer):
-        raise OmnijetError(f"{name}: token ids must be integers, got {seq.dtype}")
-    if seq.shape[1] > max_len:
-        raise OmnijetError(f"{name}: sequences have {seq.shape[1]} positions, the model allows {max_len}")
-    seq, mask = seq.astype(np.int64), mask.astype(bool)
-    n = mask.sum(1)
-    if len(seq) and n.min() < 2:
-        raise OmnijetError(f"{name}: jet {int(np.argmin(n))} has fewer than 2 tokens (start and stop)")
-    if np.any(mask[:, 1:] & ~mask[:, :-1]):
-        raise OmnijetError(f"{name}: mask must be a prefix (real tokens first, padding after stop)")
-    real = seq[mask]
-    if real.size and (real.min() < 0 or real.max() >= vocab_size):
-        raise OmnijetError(f"{name}: token ids span {real.min()}..{real.max()}, outside the vocabulary "
-                           f"0..{vocab_size - 1} (vocab_size {vocab_size})")
-    if len(seq) and np.any(seq[:, 0] != 0):
-        raise OmnijetError(f"{name}: every sequence must begin with the start token 0")
-    if len(seq) and np.any(seq[np.arange(len(seq)), n - 1] != vocab_size - 1):
-        raise OmnijetError(f"{name}: every sequence must end with the stop token {vocab_size - 1} "
-                           f"(is the vocabulary K + 2 of the tokenizer's codebook?)")
-    return seq, mask
 
 
 def train_gpt(seq, seq_mask, out_dir: str | os.PathLike, config: GPTConfig | None = None,
