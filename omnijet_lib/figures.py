@@ -202,6 +202,8 @@ def _source_cell(nb: Path, cell_index: int, injected: bool) -> int:
 PARAMETER_TYPES = {
     "data_files": ("str", "list[str]"),
     "finetune_files": ("str", "list[str]"),
+    "score_files": ("str", "list[str]"),
+    "real_files": ("str", "list[str]"),
     "checkpoint_dir": ("str",),
     "blob_tokens": ("int",),
     "patience": ("int",),
@@ -893,9 +895,17 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
     elif stem.startswith("06"):
         runs += _tokenizer_runs(p, n, "conditional", p.get("num_codes"))
         runs += [r for name in ("qcd", "top", "combined") for r in _backbone_runs(p, n, name)]
-        scored = 10 * p.get("score_per_class", 0)  # a likelihood is one forward pass, ~1/3 of a training step
+        if p.get("score_files") is not None:
+            scored = _data(p, "score_files")[0]
+        else:
+            scored = 10 * p.get("score_per_class", 0) + p.get("sculpting_jets", 0)
+        # a likelihood is one forward pass, ~1/3 of a training step
         runs.append((f"likelihoods of {scored} jets under 2 backbones", "gpt", 2 * scored / 3, 1, None))
-        pretrained = 2 * ((p.get("backbone") or {}).get("per_class") or p.get("per_class", 300))
+        from .studies.generation import backbone_data
+
+        source = backbone_data(p.get("backbone"), p.get("data_files"), p.get("per_class", 300), p.get("seed", 1),
+                               load=False).source  # the classifier learns from the jets the notebook holds of them
+        pretrained = 2 * source["per_class"] if "per_class" in source else n
         runs.append(("the supervised classifier (combined backbone fine-tuned on the backbones' jets)", "gpt_classifier",
                      pretrained, p.get("classifier_epochs", 1), p.get("classifier_batch_size", 64)))
     return runs
