@@ -211,3 +211,37 @@ def test_the_dry_run_asks_the_store_for_the_backbones(tmp_path):
     assert _backbone_runs(p, 0, "top")[0][-1] == f"store: reuses gpt_top/{run.path.name} if its jets match"
     assert _backbone_runs({**p, "backbone": {**bb, "epochs": 2}}, 0, "top")[0][-1] == \
         "store: trains it; 1 run(s) of gpt_top with other settings"
+
+
+def _physical_jets(n, seed, shift=0.0):
+    """Padded features as the tokenizers see them: log pT - 1.8 around 0, angles × 3 within ±0.8 × 3."""
+    rng = np.random.default_rng(seed)
+    L = 20
+    mask = np.arange(L)[None, :] < rng.integers(5, L + 1, n)[:, None]
+    x = np.stack([rng.normal(2 + shift, 1, (n, L)), rng.uniform(-1, 1, (n, L)), rng.uniform(-1, 1, (n, L))], -1)
+    return np.where(mask[..., None], x, 0).astype(np.float32), mask
+
+
+def test_boosted_tree_test_separates_only_different_samples_and_names_the_observable():
+    from omnijet_lib.studies.generation import N_LEADING, boosted_tree_test, jet_summary_features
+
+    a, b = _physical_jets(400, 0), _physical_jets(400, 1)
+    feats, names = jet_summary_features(*a)
+    assert feats.shape == (400, 6 + N_LEADING) and np.isfinite(feats).all()
+    np.testing.assert_array_equal(feats[:, names.index("multiplicity")], a[1].sum(1))
+    same = boosted_tree_test(*a, *b, seed=0)
+    assert 0.4 < same["auc_mean"] < 0.6 and len(same["aucs"]) == 5 and same["n_per_sample"] == 400
+    harder = _physical_jets(400, 2, shift=0.7)  # harder constituents: pT and mass move
+    diff = boosted_tree_test(*a, *harder, seed=0)
+    assert diff["auc_mean"] > 0.9 and next(iter(diff["separating"])) in ("pt", "mass")
+    with pytest.raises(OmnijetError, match="at least 10 jets"):
+        boosted_tree_test(a[0][:4], a[1][:4], *b)
+
+
+def test_copy_fraction_counts_whole_sequences_up_to_the_stop():
+    from omnijet_lib.studies.generation import copy_fraction
+
+    training = np.array([[0, 3, 4, 9, 9, 9], [0, 5, 9, 9, 9, 9]])  # padded after stop
+    generated = np.array([[0, 3, 4, 9, 0, 0], [0, 3, 9, 0, 0, 0], [0, 5, 9, 0, 0, 0], [0, 3, 4, 5, 9, 0]])
+    assert copy_fraction(generated, training, stop_token=9) == 0.5
+    assert copy_fraction(generated[:0], training, stop_token=9) == 0.0
