@@ -64,3 +64,22 @@ def test_calibration_tells_calibrated_from_overconfident():
     over = calibration(np.clip((p - 0.5) * 3 + 0.5, 0, 1), y)  # pushed towards 0 and 1
     assert good["ece"] < 0.01 < 0.1 < over["ece"] and sum(good["jets"]) == p.size
     assert np.allclose(good["observed"], good["predicted"], atol=0.02)
+
+
+def test_the_complexity_correction_removes_what_the_multiplicity_explains():
+    from omnijet_lib.studies.anomaly import multiplicity_corrected
+
+    g = np.random.default_rng(3)
+    ref_mult = g.integers(10, 60, 5000)
+    ref = 3.0 * ref_mult + g.normal(0, 1, ref_mult.size)  # -log p grows with the constituents
+    mult = np.r_[g.integers(10, 60, 1000), g.integers(30, 60, 1000)]
+    labels = np.repeat([0, 8], 1000)
+    score = 3.0 * mult + g.normal(0, 1, mult.size) + 2.0 * (labels == 8)  # beyond the count: +2
+    corrected = multiplicity_corrected(score, mult, ref, ref_mult)
+    assert roc_auc(labels == 8, 3.0 * mult) > 0.65  # counting alone separates
+    assert corrected[labels == 0].mean() == pytest.approx(0, abs=0.15) and corrected[labels == 8].mean() == pytest.approx(2, abs=0.15)
+    assert roc_auc(labels == 8, corrected) > 0.9
+    lonely = multiplicity_corrected(np.array([500.0]), np.array([150]), ref, ref_mult)  # no reference jet that long
+    assert np.isfinite(lonely).all()
+    with pytest.raises(OmnijetError, match="reference jets"):
+        multiplicity_corrected(score, mult, ref[:5], ref_mult[:5])

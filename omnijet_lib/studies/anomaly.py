@@ -19,18 +19,24 @@ import numpy as np
 from ..io import OmnijetError
 from ..metrics import roc_auc
 
-__all__ = ["SCORES", "anomaly_scores", "auc_table", "auc_at_fixed_multiplicity", "efficiency_cut", "calibration"]
+__all__ = ["SCORES", "anomaly_scores", "auc_table", "auc_at_fixed_multiplicity", "multiplicity_corrected",
+           "efficiency_cut", "calibration"]
 
 #: the anomaly scores, each oriented so that larger means "more signal-like" in the issue's table
-SCORES = {"total": "total −log p", "per_token": "per-token −log p", "multiplicity": "multiplicity",
-          "mass": "jet mass", "neg_tau32": "−τ32"}
+SCORES = {"total": "total −log p", "per_token": "per-token −log p", "corrected": "−log p beyond n",
+          "multiplicity": "multiplicity", "mass": "jet mass", "neg_tau32": "−τ32"}
 
 
-def anomaly_scores(likelihood: dict, observables: dict) -> dict[str, np.ndarray]:
-    """The five scores of :data:`SCORES` per jet: the likelihood of the background model (as
-    ``log_likelihood`` gives it: ``total``, ``per_token``) and the baselines from ``jet_observables``."""
-    return {"total": -np.asarray(likelihood["total"], float), "per_token": -np.asarray(likelihood["per_token"], float),
-            "multiplicity": np.asarray(observables["multiplicity"], float),
+def anomaly_scores(likelihood: dict, observables: dict, reference: dict | None = None) -> dict[str, np.ndarray]:
+    """The scores of :data:`SCORES` per jet: the likelihood of the background model (as
+    ``log_likelihood`` gives it: ``total``, ``per_token``), with ``reference`` (the likelihoods of
+    other, fresh background jets) also the complexity-corrected one (:func:`multiplicity_corrected`
+    over the number of tokens), and the baselines from ``jet_observables``."""
+    out = {"total": -np.asarray(likelihood["total"], float), "per_token": -np.asarray(likelihood["per_token"], float)}
+    if reference is not None:
+        out["corrected"] = multiplicity_corrected(out["total"], likelihood["n_tokens"], -np.asarray(reference["total"]),
+                                                  reference["n_tokens"])
+    return {**out, "multiplicity": np.asarray(observables["multiplicity"], float),
             "mass": np.asarray(observables["mass"], float), "neg_tau32": -np.asarray(observables["tau32"], float)}
 
 
@@ -74,6 +80,24 @@ def auc_at_fixed_multiplicity(score, multiplicity, labels, background: int = 0, 
         out["mean"][c] = (float(np.average([aucs[i] for i, _ in weights], weights=[w for _, w in weights]))
                           if weights else float("nan"))
     return out
+
+
+def multiplicity_corrected(score, multiplicity, ref_score, ref_multiplicity, min_jets: int = 20) -> np.ndarray:
+    """``score`` minus the mean ``ref_score`` of reference jets (fresh background jets, not those
+    scored) of the same multiplicity: what a jet's likelihood says beyond its number of
+    constituents, a complexity correction. Where fewer than ``min_jets`` reference jets share a
+    multiplicity, the window around it widens until it holds that many."""
+    score, multiplicity = np.asarray(score, float), np.asarray(multiplicity)
+    ref_score, ref_multiplicity = np.asarray(ref_score, float), np.asarray(ref_multiplicity)
+    if len(ref_score) < min_jets:
+        raise OmnijetError(f"multiplicity_corrected: {len(ref_score)} reference jets, at least {min_jets} needed")
+    mean = {}
+    for m in np.unique(multiplicity):
+        width = 0
+        while (near := np.abs(ref_multiplicity - m) <= width).sum() < min_jets:
+            width += 1
+        mean[m] = ref_score[near].mean()
+    return score - np.array([mean[m] for m in multiplicity])
 
 
 def efficiency_cut(score, keep: float) -> float:
