@@ -90,10 +90,32 @@ def _checkpoints(argv) -> int:
     return 0
 
 
-def _finetune(argv) -> int:
-    from .io import check_device, default_device, write_json
-    from .studies.finetune import finetune_files
+DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: cuda when present)"
+
+
+def _backbone_options(ap, store_default=None, store_help="model store holding the converted published backbone "
+                      "(--backbone published)") -> None:
+    """The options of the commands that use a pre-trained backbone: --backbone, --tokenizer, --store, --device."""
+    ap.add_argument("--backbone", required=True, metavar="RUN", help="a backbone run folder (STORE/gpt_combined/HASH), "
+                    "its model folder (its newest run), or 'published' (the converted published backbone of --store)")
+    ap.add_argument("--tokenizer", metavar="RUN", help="tokenizer run folder (default: the one the backbone was "
+                    "trained with)")
+    ap.add_argument("--store", metavar="DIR", default=store_default, help=store_help)
+    ap.add_argument("--device", default=None, help=DEVICE_HELP)
+
+
+def _open_backbone(a):
+    """``(Backbone, device)`` of the options :func:`_backbone_options` added."""
+    from .io import check_device, default_device
     from .training.gpt import open_backbone
+
+    device = check_device(a.device or default_device(), "--device")
+    return open_backbone(a.backbone, a.tokenizer, store=a.store, device=device), device
+
+
+def _finetune(argv) -> int:
+    from .io import write_json
+    from .studies.finetune import finetune_files
     from .training.store import ModelStore
 
     ap = argparse.ArgumentParser(
@@ -105,9 +127,8 @@ def _finetune(argv) -> int:
         "one. Without --val/--test, 20%% of the training jets of each class validate (early stopping) and 20%% test.",
         epilog="example:\n  omnijet finetune --backbone data/models/quick/gpt_combined --train my_jets/*.root \\\n"
                "      --signal Tbqq --background QCD --n-train 300 --store data/models/mine --out metrics.json")
-    ap.add_argument("--backbone", required=True, help="a backbone run folder (STORE/gpt_combined/HASH), its model "
-                    "folder (its newest run), or 'published' (the converted published backbone of --store)")
-    ap.add_argument("--tokenizer", help="tokenizer run folder (default: the one the backbone was trained with)")
+    _backbone_options(ap, store_default="data/models/finetune", store_help="model store of the classifier (and of a "
+                      "published backbone)")
     ap.add_argument("--train", required=True, nargs="+", help="labelled JetClass-schema ROOT files (globs allowed)")
     ap.add_argument("--signal", required=True, nargs="+", help="signal class(es), e.g. Tbqq")
     ap.add_argument("--background", required=True, nargs="+", help="background class(es), e.g. QCD")
@@ -121,9 +142,6 @@ def _finetune(argv) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (paper: 1e-4)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--store", default="data/models/finetune", help="model store of the classifier (and of a "
-                    "published backbone)")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     ap.add_argument("--out", help="also write the metrics JSON here")
     a = ap.parse_args(argv)
     for opt, v in (("--n-train", a.n_train), ("--epochs", a.epochs), ("--batch-size", a.batch_size)):
@@ -135,8 +153,7 @@ def _finetune(argv) -> int:
     if set(background) & set(signal):
         raise OmnijetError(f"--signal and --background both name {sorted(set(background) & set(signal))}")
     classes = background + signal
-    device = check_device(a.device or default_device(), "--device")
-    backbone = open_backbone(a.backbone, a.tokenizer, store=a.store, device=device)
+    backbone, device = _open_backbone(a)
     trainer = {"accelerator": "gpu" if device.startswith("cuda") else "cpu"}
     result, run = finetune_files(
         backbone, ModelStore(a.store, progress=_say), a.train, classes,
@@ -165,7 +182,7 @@ def _classify(argv) -> int:
     ap.add_argument("--in", dest="inputs", required=True, nargs="+", help="JetClass-schema ROOT files (globs allowed)")
     ap.add_argument("--out", required=True, help="scores.npz or scores.parquet")
     ap.add_argument("--batch-size", type=int, default=1024)
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    ap.add_argument("--device", default=None, help=DEVICE_HELP)
     a = ap.parse_args(argv)
     if a.batch_size <= 0:
         raise OmnijetError(f"--batch-size must be positive, got {a.batch_size}")
@@ -303,8 +320,6 @@ def _say(msg: str) -> None:
 
 
 def _generate(argv) -> int:
-    from .io import check_device, default_device
-
     ap = argparse.ArgumentParser(
         prog="omnijet generate", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Generate jets with a pre-trained backbone into one JetClass-schema ROOT file (part_px, py, pz,\n"
@@ -315,12 +330,7 @@ def _generate(argv) -> int:
         "into place only when complete; an existing --out is refused unless --overwrite.",
         epilog="example:\n  omnijet generate --backbone data/models/quick/gpt_top -n 1000 --out g.root --top-k 100 "
                "--seed 1")
-    ap.add_argument("--backbone", required=True, metavar="RUN", help="a backbone run folder (STORE/gpt_top/HASH), "
-                    "its model folder (its newest run), or 'published' (the converted published backbone of --store)")
-    ap.add_argument("--tokenizer", metavar="RUN", help="tokenizer run folder (default: the one the backbone was "
-                    "trained with)")
-    ap.add_argument("--store", metavar="DIR", help="model store holding the converted published backbone "
-                    "(--backbone published)")
+    _backbone_options(ap)
     ap.add_argument("-n", dest="n_jets", type=int, required=True, metavar="N", help="number of jets to write")
     ap.add_argument("--out", required=True, metavar="FILE", help="output .root file (its folder must exist)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out and its tokens folder")
@@ -331,13 +341,10 @@ def _generate(argv) -> int:
                     "next tokens whose probabilities sum to at least P, in (0, 1] (after --top-k; default 1: all)")
     ap.add_argument("--seed", type=int, default=0, metavar="S", help="the same seed and options give the same jets")
     ap.add_argument("--batch-size", type=int, default=256, metavar="B", help="jets generated at once (default 256)")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     a = ap.parse_args(argv)
     from .studies.generation import generate_to_root  # after parsing: --help and usage errors are instant
-    from .training.gpt import open_backbone
 
-    device = check_device(a.device or default_device(), "--device")
-    backbone = open_backbone(a.backbone, a.tokenizer, store=a.store, device=device)
+    backbone, _ = _open_backbone(a)
     done = generate_to_root(backbone, a.n_jets, a.out, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                             seed=a.seed, batch_size=a.batch_size, overwrite=a.overwrite, progress=_say)
     print(done["out"])
@@ -348,8 +355,6 @@ def _generate(argv) -> int:
 
 
 def _score(argv) -> int:
-    from .io import check_device, default_device
-
     ap = argparse.ArgumentParser(
         prog="omnijet score", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The likelihood of every jet of JetClass-schema ROOT files under a pre-trained backbone: the\n"
@@ -359,27 +364,19 @@ def _score(argv) -> int:
         "reads, the 128 hardest within |eta_rel|, |phi_rel| < 0.8, + 1). A backbone trained on background jets\n"
         "only gives anomalous jets a low likelihood. Written atomically as .npz (numpy.load) or .parquet.",
         epilog="example:\n  omnijet score --backbone data/models/quick/gpt_qcd --in data/*.root --out scores.npz")
-    ap.add_argument("--backbone", required=True, metavar="RUN", help="a backbone run folder (STORE/gpt_qcd/HASH), "
-                    "its model folder (its newest run), or 'published' (the converted published backbone of --store)")
-    ap.add_argument("--tokenizer", metavar="RUN", help="tokenizer run folder (default: the one the backbone was "
-                    "trained with)")
-    ap.add_argument("--store", metavar="DIR", help="model store holding the converted published backbone "
-                    "(--backbone published)")
+    _backbone_options(ap)
     ap.add_argument("--in", dest="inputs", required=True, nargs="+", metavar="FILE",
                     help="JetClass-schema ROOT files (globs allowed)")
     ap.add_argument("--out", required=True, metavar="FILE", help="scores.npz or scores.parquet (its folder must exist)")
     ap.add_argument("--batch-size", type=int, default=1024, metavar="B", help="jets per forward pass (default 1024)")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     a = ap.parse_args(argv)
     from .studies.finetune import scores_path, write_scores  # after parsing: --help and usage errors are instant
     from .studies.likelihood import score_files
-    from .training.gpt import open_backbone
 
     if a.batch_size <= 0:
         raise OmnijetError(f"--batch-size must be positive, got {a.batch_size}")
     scores_path(a.out)  # a bad --out is said before any jet is read
-    device = check_device(a.device or default_device(), "--device")
-    backbone = open_backbone(a.backbone, a.tokenizer, store=a.store, device=device)
+    backbone, _ = _open_backbone(a)
     scores = score_files(backbone, a.inputs, batch_size=a.batch_size, progress=_say)
     print(write_scores(scores, a.out))
     _say(f"{len(scores['entry'])} jets scored by {backbone.run}")
