@@ -342,10 +342,12 @@ def _dict_schemas() -> dict[str, dict]:
     size = {"epochs": ("int",), "model_kw": model_kw, "extra_per_class": ("int",)}
     gpt_config = _config_kinds(GPTConfig, "vocab_size")  # GPTConfig(vocab_size=tokenizer's, **gpt_config)
     data = {"data_files": ("str", "list[str]", "None"), "per_class": ("int",), "seed": ("int",), "trainer": trainer}
+    classifiers = {"deepsets": _config_kinds(DeepSetsConfig, "n_classes"),
+                   "transformer": _config_kinds(TransformerClassifierConfig, "n_classes")}
     return {
         "trainer": trainer,
-        "classifier_kw": {"deepsets": _config_kinds(DeepSetsConfig, "n_classes"),
-                          "transformer": _config_kinds(TransformerClassifierConfig, "n_classes")},
+        "classifier_kw": classifiers,
+        "baselines": classifiers,  # notebook 03's continuous-feature taggers
         # studies.tokens.TOKENIZER_DEFAULTS and its data keys (a test holds the two together)
         "tokenizer": {**size, "batch_size": ("int",), "extra_seed": ("int",), "per_size": _PerKey(size), **data},
         # studies.generation.BACKBONE_DEFAULTS and its data keys (a test holds the two together)
@@ -881,6 +883,9 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
         passes = sum(s * (cap.get(s, 1) if isinstance(cap, dict) else cap) for s in p.get("train_sizes", []))
         runs.append(("fine-tuning, 3 strategies x seeds (jet passes up to max_epochs, before early stopping)",
                      "gpt_classifier", 3 * p.get("n_seeds", 1) * passes, 1, p.get("batch_size", 64)))
+        for arch in p.get("baselines") or {}:
+            runs.append((f"{arch} on constituents x seeds (from scratch)", arch, p.get("n_seeds", 1) * passes, 1,
+                         p.get("batch_size", 64)))
     elif stem.startswith("04"):
         if not p.get("checkpoint_dir"):
             runs += _tokenizer_runs(p, n, "conditional", p.get("num_codes")) + _backbone_runs(p, n, "top")

@@ -2,6 +2,7 @@
 and the three training strategies (from scratch, frozen backbone, fine-tune everything)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,3 +241,26 @@ def test_splits_are_balanced_disjoint_and_nested():
 
 def test_paper_patience():
     assert [paper_patience(n) for n in (100, 10_000, 100_000, 1_000_000, 2_000_000)] == [20, 20, 10, 10, 5]
+
+
+def test_continuous_baselines_train_on_the_same_jets_beside_the_strategies(backbone, tmp_path):
+    path, _ = backbone
+    seq, mask, y = toy_sequences(160)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(160, 12, 3)).astype(np.float32)
+    x[..., 0] += 2.0 * y[:, None]                                    # the constituents tell the classes apart
+    x_mask = np.arange(12)[None, :] < 8
+    split = transfer_split(y, n_test=40, n_val=20, seed=0)
+    store = ModelStore(tmp_path / "runs", progress=lambda m: None)
+    kw = dict(sizes=[40], seeds=[0], backbone_path=path, tokenizer_vocab=K + 2, store=store, max_epochs=3,
+              batch_size=16, strategies=["frozen"], features=(x, np.broadcast_to(x_mask, (160, 12)).copy()),
+              baselines={"deepsets": {"phi": [16, 16], "f": [16]}}, progress=None)
+    results = run_transfer_study(seq, mask, y, split, **kw)
+    by = {r["strategy"]: r for r in results}
+    assert sorted(by) == ["deepsets", "frozen"] and by["deepsets"]["auc"] > 0.9 and by["deepsets"]["lr"] == 1e-3
+    record = json.loads((Path(by["deepsets"]["run"]) / "run.json").read_text())
+    assert record["name"] == "transfer_n40_deepsets_seed0" and "backbone" not in record["settings"]
+    assert record["settings"]["model_kw"] == {"phi": [16, 16], "f": [16]}
+    assert run_transfer_study(seq, mask, y, split, **kw) == results   # reused
+    with pytest.raises(OmnijetError, match="continuous features"):
+        run_transfer_study(seq, mask, y, split, **{**kw, "features": None})

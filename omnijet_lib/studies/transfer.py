@@ -104,7 +104,8 @@ def run_transfer_study(seq, mask, y, split: dict, sizes, seeds, backbone_path, t
                        store: ModelStore | None = None, strategies=STRATEGIES, max_epochs: int | dict = 100,
                        patience: int | None = None, lr: float = 1e-4, lr_scratch: float | None = None,
                        weight_decay: float = 1e-2, batch_size: int = 64, trainer: dict | None = None,
-                       keep_checkpoints: bool = False, progress=print) -> list[dict]:
+                       keep_checkpoints: bool = False, features=None, baselines: dict | None = None,
+                       lr_baseline: float = 1e-3, progress=print) -> list[dict]:
     """Train every (size, strategy, seed) on a balanced training set drawn from ``split["pool"]``
     (the same set for the three strategies of a seed), early-stop on ``split["val"]`` and
     evaluate on ``split["test"]``.
@@ -118,6 +119,12 @@ def run_transfer_study(seq, mask, y, split: dict, sizes, seeds, backbone_path, t
     ``store`` nothing is kept (``run`` is None). ``lr_scratch`` (default ``lr``) is the
     from-scratch learning rate. ``max_epochs`` caps every run, or is ``{size: cap}`` (e.g. fewer
     epochs for larger sets on a CPU).
+
+    ``baselines`` (``{"deepsets": {config overrides}, "transformer": {...}}``) adds the taggers a
+    physicist would train anyway: the classifiers of notebook 01 on the continuous constituents
+    ``features = (x (N, L, 3), mask)`` of the same jets, from scratch, on the same training,
+    validation and test jets with the same early stopping, at learning rate ``lr_baseline``; their
+    runs are ``transfer_n{size}_{arch}_seed{seed}`` (strategy = the arch).
     """
     backbone_path = Path(backbone_path)
     bcfg = backbone_config_of(backbone_path)
@@ -137,32 +144,43 @@ def run_transfer_study(seq, mask, y, split: dict, sizes, seeds, backbone_path, t
     for s in strategies:
         if s not in STRATEGIES:
             raise OmnijetError(f"strategy {s!r} is unknown, expected one of {', '.join(STRATEGIES)}")
+    baselines = dict(baselines or {})
+    if baselines and (features is None or len(features[0]) != len(y)):
+        raise OmnijetError("baselines: the continuous features (x, mask) of the same jets are needed (features=)")
     va, te = split["val"], split["test"]
-    base = {"version": STUDY_VERSION, "backbone": file_sha256(backbone_path), "vocab": tokenizer_vocab,
-            "weight_decay": weight_decay, "batch_size": batch_size,
-            "trainer": {k: v for k, v in (trainer or {}).items() if k != "progress_bar"}}
+    common = {"version": STUDY_VERSION, "weight_decay": weight_decay, "batch_size": batch_size,
+              "trainer": {k: v for k, v in (trainer or {}).items() if k != "progress_bar"}}
+    tokens = {**common, "backbone": file_sha256(backbone_path), "vocab": tokenizer_vocab}
     results = []
     with tempfile.TemporaryDirectory(prefix="omnijet_transfer_") as tmp:
         runs = store if store is not None else ModelStore(tmp, progress=lambda m: None)  # None: nothing kept
         for size in sizes:
             for seed in map(int, seeds):
                 tr = training_subset(y, split["pool"], size, seed)
-                data = data_identity({"train": len(tr), "val": len(va), "test": len(te)},
-                                     seq[tr], mask[tr], y[tr], seq[va], mask[va], y[va], seq[te], mask[te], y[te])
-                for strategy in strategies:
-                    rate = lr_scratch if (strategy == "from_scratch" and lr_scratch is not None) else lr
-                    pat = paper_patience(size) if patience is None else patience
-                    settings = {**base, "strategy": strategy, "size": size, "seed": seed, "lr": rate,
+                pat = paper_patience(size) if patience is None else patience
+                inputs = {s: (seq, mask) for s in strategies} | {a: features for a in baselines}
+                for strategy, (xs, ms) in inputs.items():
+                    baseline = strategy in baselines
+                    rate = lr_baseline if baseline else lr_scratch if (strategy == "from_scratch" and lr_scratch) else lr
+                    settings = {**({**common, "model_kw": baselines[strategy]} if baseline else tokens),
+                                "strategy": strategy, "size": size, "seed": seed, "lr": rate,
                                 "max_epochs": caps[size], "patience": pat}
+                    data = data_identity({"train": len(tr), "val": len(va), "test": len(te)},
+                                         *(a[i] for i in (tr, va, te) for a in (xs, ms, y)))
 
                     def train(run_dir: Path) -> dict:
                         t0 = time.perf_counter()
-                        model = train_transfer(strategy, seq[tr], mask[tr], y[tr], (seq[va], mask[va], y[va]),
-                                               backbone_path, tokenizer_vocab, out_dir=run_dir, max_epochs=caps[size],
-                                               patience=pat, lr=rate, weight_decay=weight_decay,
-                                               batch_size=batch_size, trainer=trainer, seed=seed)
+                        val = (xs[va], ms[va], y[va])
+                        if baseline:
+                            model = train_baseline(strategy, baselines[strategy], xs[tr], ms[tr], y[tr], val, run_dir,
+                                                   caps[size], pat, rate, weight_decay, batch_size, trainer, seed)
+                        else:
+                            model = train_transfer(strategy, xs[tr], ms[tr], y[tr], val, backbone_path, tokenizer_vocab,
+                                                   out_dir=run_dir, max_epochs=caps[size], patience=pat, lr=rate,
+                                                   weight_decay=weight_decay, batch_size=batch_size, trainer=trainer,
+                                                   seed=seed)
                         train_s = time.perf_counter() - t0
-                        test = evaluate(model, seq[te], mask[te], y[te])
+                        test = evaluate(model, xs[te], ms[te], y[te])
                         res = {"size": size, "strategy": strategy, "seed": seed, "accuracy": test["accuracy"],
                                "auc": test["auc"], "test_loss": test["loss"], **_run_info(run_dir),
                                "train_seconds": round(train_s, 2), "lr": rate, "patience": pat}
@@ -183,6 +201,24 @@ def run_transfer_study(seq, mask, y, split: dict, sizes, seeds, backbone_path, t
                         progress(f"n={size:>7} {strategy:12s} seed {seed}: acc {res['accuracy']:.3f} "
                                  f"auc {res['auc']:.3f} ({how})")
     return results
+
+
+def train_baseline(arch: str, model_kw: dict, x, mask, y, val, out_dir, max_epochs: int, patience: int, lr: float,
+                   weight_decay: float, batch_size: int, trainer: dict | None, seed: int):
+    """A continuous-feature tagger from scratch (notebook 01's DeepSets or Transformer, binary),
+    early-stopped like the transfer runs; the best-epoch model."""
+    from ..training.classifier import train_classifier
+    from ..training.fit import TrainConfig
+    from ..training.transfer import _quiet_lightning
+    from .tokens import _classifier_model
+
+    model_cls, config = _classifier_model(arch, model_kw, n_classes=2)
+    torch.manual_seed(seed)
+    cfg = TrainConfig.from_params(trainer, max_epochs=max_epochs, seed=seed, patience=patience, progress_bar=False)
+    with _quiet_lightning():
+        model = train_classifier(model_cls(config), x, mask, y, val=val, out_dir=out_dir, epochs=None,
+                                 batch_size=batch_size, lr=lr, weight_decay=weight_decay, train_config=cfg, seed=seed)
+    return model.cpu().eval()
 
 
 def _run_info(run_dir: Path) -> dict:
