@@ -169,7 +169,7 @@ def _finetune(argv) -> int:
 
 def _classify(argv) -> int:
     from .io import check_device, default_device
-    from .studies.finetune import classify_files, write_scores
+    from .studies.finetune import classify_files, scores_path, write_scores
 
     ap = argparse.ArgumentParser(
         prog="omnijet classify", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -186,10 +186,9 @@ def _classify(argv) -> int:
     a = ap.parse_args(argv)
     if a.batch_size <= 0:
         raise OmnijetError(f"--batch-size must be positive, got {a.batch_size}")
-    if Path(a.out).suffix not in (".npz", ".parquet") or not Path(a.out).parent.is_dir():
-        write_scores({}, a.out)  # the one-line error about --out, before any jet is read
-    scores = classify_files(a.model, a.inputs, batch_size=a.batch_size, device=check_device(a.device or default_device(), "--device"),
-                            progress=_say)
+    scores_path(a.out)  # a bad --out is said before any jet is read
+    scores = classify_files(a.model, a.inputs, batch_size=a.batch_size,
+                            device=check_device(a.device or default_device(), "--device"), progress=_say)
     print(write_scores(scores, a.out))
     _say(f"{len(scores['entry'])} jets scored")
     return 0
