@@ -883,6 +883,10 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
         passes = sum(s * (cap.get(s, 1) if isinstance(cap, dict) else cap) for s in p.get("train_sizes", []))
         runs.append(("fine-tuning, 3 strategies x seeds (jet passes up to max_epochs, before early stopping)",
                      "gpt_classifier", 3 * p.get("n_seeds", 1) * passes, 1, p.get("batch_size", 64)))
+        for K in [] if p.get("checkpoint_dir") else p.get("compare_num_codes") or []:
+            runs += _tokenizer_runs(p, n, "conditional", K) + _backbone_runs({**p, "num_codes": K}, n, "combined")
+            runs.append((f"fine-tuning at K {K}, 3 strategies x seeds", "gpt_classifier",
+                         3 * p.get("n_seeds", 1) * passes, 1, p.get("batch_size", 64)))
         for arch in p.get("baselines") or {}:
             runs.append((f"{arch} on constituents x seeds (from scratch)", arch, p.get("n_seeds", 1) * passes, 1,
                          p.get("batch_size", 64)))
