@@ -13,22 +13,12 @@ from omnijet_lib.data.jetclass import read_jetclass, write_jetclass_chunks
 from omnijet_lib.data.shards import TokenShardDataset, read_shard
 from omnijet_lib.data.validate import check_jets
 from omnijet_lib.io import OmnijetError
-from omnijet_lib.models.gpt import GPT, GPTConfig, sample_tokens
+from omnijet_lib.models.gpt import sample_tokens
 from omnijet_lib.studies.generation import decode_generated, generate_to_root, generated_label
 from omnijet_lib.training.gpt import open_backbone
+from test_gpt import SMALL, greedy_sequence, small_gpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-SMALL = GPTConfig(vocab_size=12, n_embd=32, n_head=4, n_layer=2, ffn=64, max_len=42)  # 10 codes + stop drawable
-
-
-def small_gpt(stop_bias=0.0, seed=0):
-    torch.manual_seed(seed)
-    model = GPT(SMALL).eval()
-    with torch.no_grad():
-        model.head.bias[-1] += stop_bias
-    return model
-
 
 def _backbone(tiny_store):
     return f"{tiny_store}/gpt_combined"
@@ -203,12 +193,7 @@ def test_top_k_1_is_greedy_decoding_whatever_the_generator():
     seq, mask = model.generate(6, top_k=1, generator=torch.Generator().manual_seed(0), max_constituents=12)
     other, _ = model.generate(6, top_k=1, generator=torch.Generator().manual_seed(9), max_constituents=12)
     assert np.array_equal(seq, other) and np.all(seq == seq[0])
-    greedy = [0]
-    with torch.no_grad():
-        while greedy[-1] != SMALL.stop_token and len(greedy) < 13:
-            greedy.append(int(model(torch.tensor([greedy]))[0, -1, 1:].argmax()) + 1)
-    if greedy[-1] != SMALL.stop_token:
-        greedy.append(SMALL.stop_token)
+    greedy = greedy_sequence(model, 12)
     assert len(greedy) > 3 and seq[0][mask[0]].tolist() == greedy
 
 

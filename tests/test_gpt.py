@@ -25,6 +25,17 @@ def small_gpt(stop_bias=0.0, seed=0, dtype=torch.float32, **bias):
     return model
 
 
+def greedy_sequence(model, max_constituents: int) -> list[int]:
+    """The jet greedy decoding gives, step by step on the whole prefix: start, the most probable
+    drawable token each step, stop (forced after ``max_constituents``)."""
+    stop = model.config.stop_token
+    greedy = [0]
+    with torch.no_grad():
+        while greedy[-1] != stop and len(greedy) < max_constituents + 1:
+            greedy.append(int(model(torch.tensor([greedy]))[0, -1, 1:].argmax()) + 1)
+    return greedy if greedy[-1] == stop else greedy + [stop]
+
+
 def random_sequences(n, vocab, max_len, rng, min_codes=1):
     """Tokenizer-like sequences: start, codes+1, stop, zero padding."""
     codes = rng.integers(min_codes, max_len - 1, n)
@@ -148,13 +159,7 @@ def test_temperature():
     # temperature -> 0 is greedy decoding
     seq, mask = model.generate(4, temperature=1e-3, generator=torch.Generator().manual_seed(0), max_constituents=12)
     assert np.all(seq == seq[0])
-    greedy = [0]
-    with torch.no_grad():
-        while greedy[-1] != SMALL.stop_token and len(greedy) < 13:
-            greedy.append(int(model(torch.tensor([greedy]))[0, -1, 1:].argmax()) + 1)
-    if greedy[-1] != SMALL.stop_token:
-        greedy.append(SMALL.stop_token)
-    assert seq[0][mask[0]].tolist() == greedy
+    assert seq[0][mask[0]].tolist() == greedy_sequence(model, 12)
     # a high temperature flattens the distribution: more distinct tokens
     hot, hm = model.generate(200, temperature=5.0, generator=torch.Generator().manual_seed(0), max_constituents=12)
     cold, cm = model.generate(200, temperature=0.3, generator=torch.Generator().manual_seed(0), max_constituents=12)
