@@ -18,6 +18,13 @@ drawn up front, so with the same ``generator`` they return identical sequences. 
 each draw to the k most probable next tokens (renormalised); ``top_k=1`` is greedy decoding.
 ``top_p`` (nucleus sampling) to the fewest most probable tokens whose probabilities sum to at least p.
 
+Classes. With ``n_classes`` > 0 the model can be told the jet class: a class token (id
+``vocab_size + c``, :func:`insert_class_token`) right after the start token, embedded by its own
+table ``class_embed`` and never predicted. Trained with some jets left without it (the class
+dropout of :class:`~omnijet_lib.training.gpt.GPTModule`), one model is both the class-conditional
+generator (``generate(labels=c)``) and an unconditional one (plain sequences, as every other tool
+reads them): no positional embedding, so the token only adds one element to every jet's context.
+
 Likelihood. :func:`log_likelihood` gives every jet the exact log-probability the model assigns to
 its tokens, ``sum_t log p(token_t | tokens before)``, under the distribution the sampler draws from
 at temperature 1 (softmax over the codes and stop; the start token is never drawn): on generated
@@ -38,7 +45,7 @@ import torch.nn.functional as F
 from ..io import OmnijetError
 
 __all__ = ["GPTConfig", "GPT", "head_cross_entropy", "sample_tokens", "draw_uniforms", "sequences_to_codes",
-           "check_sequences", "log_likelihood"]
+           "check_sequences", "log_likelihood", "insert_class_token"]
 
 START = 0  # start token id; codes are shifted by +1, the stop token is vocab_size - 1
 HEAD_BLOCK = 512  # vocabulary columns per head GEMM when sampling on a CPU
@@ -53,12 +60,15 @@ class GPTConfig:
     ffn: int = 1024
     dropout: float = 0.0
     max_len: int = 130       # start + 128 constituents + stop
+    n_classes: int = 0       # > 0: jet classes the model can be conditioned on (a class token after start)
 
     def __post_init__(self):
         if not 0.0 <= self.dropout < 1.0:
             raise OmnijetError(f"GPT dropout must be in [0, 1), got {self.dropout}")
         if self.n_head <= 0 or self.n_embd % self.n_head:
             raise OmnijetError(f"GPT n_embd {self.n_embd} must be a multiple of n_head {self.n_head}")
+        if not isinstance(self.n_classes, int) or self.n_classes < 0:
+            raise OmnijetError(f"GPT n_classes must be an integer >= 0, got {self.n_classes!r}")
 
     @property
     def stop_token(self) -> int:
@@ -139,11 +149,22 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg = config or GPTConfig()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.class_embed = nn.Embedding(cfg.n_classes, cfg.n_embd) if cfg.n_classes else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size)
 
     # ------------------------------------------------------------------ training / encoding
+    def embed_tokens(self, seq):  # (B, T) ids -> (B, T, C); ids >= vocab_size are class tokens
+        if self.class_embed is None:
+            return self.embed(seq)
+        V = self.config.vocab_size
+        is_class = seq >= V
+        x = self.embed(seq.masked_fill(is_class, START))
+        if is_class.any():
+            x = torch.where(is_class[..., None], self.class_embed((seq - V).clamp(min=0)), x)
+        return x
+
     def backbone(self, seq, mask=None, zero_padding: bool = True):
         """Hidden states (B, T, n_embd) of token ids ``seq`` (B, T). ``mask`` (B, T) marks real
         tokens (a right-padded prefix); padded ids are replaced by the start id (the official
@@ -153,7 +174,7 @@ class GPT(nn.Module):
         if mask is not None:
             seq = seq.masked_fill(~mask, START)
         key_mask = None if zero_padding else mask
-        x = self.drop(self.embed(seq))  # (B, T, C)
+        x = self.drop(self.embed_tokens(seq))  # (B, T, C)
         for block in self.blocks:
             x = block(x, key_mask)
         if mask is not None and zero_padding:
@@ -167,14 +188,14 @@ class GPT(nn.Module):
 
     def loss(self, seq, mask, over_padding: bool = False):
         """Mean next-token cross-entropy over the real targets (tokens after start, up to and
-        including stop); the head runs on those positions only, fused with the loss
+        including stop; a class token is given, never a target); the head runs on those positions only, fused with the loss
         (:func:`head_cross_entropy`: the (M, V) logits never exist at once).
 
         ``over_padding=True`` is the official procedure: every position of ``seq`` counts, a
         padded position's target being the start id 0. As there, the inputs are the sequences
         without their stop token (padded with 0, masked as padding)."""
         inp, tgt = seq[:, :-1], seq[:, 1:]
-        valid = mask[:, 1:]  # (B, T-1): the target is a real token
+        valid = mask[:, 1:] & (tgt < self.config.vocab_size)  # (B, T-1): the target is a real, drawable token
         if over_padding:
             h = self.backbone(inp, valid, zero_padding=False).flatten(0, 1)  # (B(T-1), C)
             tgt = tgt.masked_fill(~valid, START).flatten()
@@ -214,6 +235,21 @@ class GPT(nn.Module):
         # keeping every token is no filter: the same draws as without top_k / top_p
         return max_constituents, (None if top_k == n_drawable else top_k), (None if top_p == 1 else top_p)
 
+    def _class_tokens(self, labels, n_jets: int):
+        """``labels`` of :meth:`generate` -> (n_jets,) int64 class token ids, or None."""
+        if labels is None:
+            return None
+        n = self.config.n_classes
+        if not n:
+            raise OmnijetError("generate: labels given, but this GPT was trained without classes (n_classes 0)")
+        lab = np.broadcast_to(np.asarray(labels), (n_jets,)) if np.ndim(labels) == 0 else np.asarray(labels)
+        if lab.shape != (n_jets,) or not np.issubdtype(lab.dtype, np.integer):
+            raise OmnijetError(f"generate: labels must be one class id or {n_jets} of them (integers), "
+                               f"got {np.shape(labels)} of {lab.dtype}")
+        if len(lab) and (lab.min() < 0 or lab.max() >= n):
+            raise OmnijetError(f"generate: class ids must be in 0..{n - 1}, got {lab.min()}..{lab.max()}")
+        return torch.from_numpy(lab.astype(np.int64) + self.config.vocab_size)
+
     def _generate_bytes(self, n_jets: int, batch_size: int, steps: int) -> int:
         """Memory a generation run needs at least: the tables of all jets (uniforms in float32;
         tokens, their cut copy in int64 and masks) and one batch's key/value caches and sampler buffers."""
@@ -224,7 +260,7 @@ class GPT(nn.Module):
     @torch.inference_mode()  # less per-op bookkeeping than no_grad: ~70 small ops per step
     def generate(self, n_jets: int, batch_size: int = 256, temperature: float = 1.0,
                  generator: torch.Generator | None = None, max_constituents: int | None = None,
-                 top_k: int | None = None, top_p: float | None = None):
+                 top_k: int | None = None, top_p: float | None = None, labels=None):
         """Sample ``n_jets`` jets with a key/value cache.
 
         Returns numpy ``(seq, mask)``: seq (N, max_constituents + 2) int64 laid out like the
@@ -240,30 +276,38 @@ class GPT(nn.Module):
         renormalised; ``top_k=1`` is greedy decoding (the same jets whatever the generator).
         ``top_p`` in (0, 1]: draw from the smallest set of most probable next tokens whose
         probabilities (after temperature and top_k) sum to at least p, renormalised; 1 is no filter.
+        ``labels`` (a model with ``n_classes``): the class of every jet, one id or (n_jets,) ids; the
+        class token follows the start token, the returned sequences are the plain ones (without it).
         """
         max_constituents, top_k, top_p = self._check_generate(n_jets, batch_size, temperature, max_constituents,
                                                               top_k, top_p)
+        cls = self._class_tokens(labels, n_jets)
         u = draw_uniforms(n_jets, max_constituents, generator)
         out = np.zeros((n_jets, max_constituents + 2), np.int64)
         was_training = self.training
         self.eval()
         try:
             for s in range(0, n_jets, batch_size):
-                out[s:s + batch_size] = self._generate_batch(u[s:s + batch_size], temperature, top_k,
-                                                             top_p).cpu().numpy()
+                out[s:s + batch_size] = self._generate_batch(u[s:s + batch_size], temperature, top_k, top_p,
+                                                             None if cls is None else cls[s:s + batch_size]
+                                                             ).cpu().numpy()
         finally:
             self.train(was_training)
         return _finish(out, self.config.stop_token)
 
-    def _generate_batch(self, u, temperature: float, top_k: int | None = None, top_p: float | None = None):
-        """u (B, S) uniforms -> tokens (B, S + 2) with start at 0 and stop somewhere."""
+    def _generate_batch(self, u, temperature: float, top_k: int | None = None, top_p: float | None = None,
+                        cls=None):
+        """u (B, S) uniforms -> tokens (B, S + 2) with start at 0 and stop somewhere; ``cls`` (B,)
+        class token ids fed after start (cache position 1) or None."""
         cfg, p = self.config, next(self.parameters())
         dev, dt = p.device, p.dtype
         B, S = u.shape
         u = u.to(dev, dt).t().contiguous()  # (S, B): the draws of step t are one row
         H, hd, V = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.vocab_size
-        caches = [(torch.empty(B, H, S, hd, device=dev, dtype=dt), torch.empty(B, H, S, hd, device=dev, dtype=dt))
-                  for _ in self.blocks]  # per block: keys, values (B, H, S, hd)
+        off = 0 if cls is None else 1  # cache positions before the first drawn token's input
+        caches = [(torch.empty(B, H, S + off, hd, device=dev, dtype=dt),
+                   torch.empty(B, H, S + off, hd, device=dev, dtype=dt))
+                  for _ in self.blocks]  # per block: keys, values (B, H, S + off, hd)
         probs = torch.empty(B, V - 1, device=dev, dtype=dt)  # sampler buffers, reused every step
         cdf = torch.empty(B, V - 1, device=dev, dtype=dt)
         # the head without the start-token row, transposed once: (C, V-1) contiguous is up to 2x
@@ -273,11 +317,16 @@ class GPT(nn.Module):
         tokens = torch.zeros(B, S + 2, dtype=torch.long, device=dev)  # output, start at 0
         rows = torch.arange(B, device=dev)  # active slot -> output row; slots 0..n-1 are active
         cur = torch.full((B,), START, dtype=torch.long, device=dev)  # last token of each active slot
+        if cls is not None:  # the start token fills cache position 0; its successor is the class token
+            x = self.embed(cur)
+            for block, (kc, vc), w in zip(self.blocks, caches, w_qkv):
+                x = block.step(x, kc, vc, 0, w)
+            cur = cls.to(dev)
         n = B
         for t in range(S):
-            x = self.embed(cur[:n])  # (n, C)
+            x = self.embed_tokens(cur[:n])  # (n, C)
             for block, (kc, vc), w in zip(self.blocks, caches, w_qkv):
-                x = block.step(x, kc[:n], vc[:n], t, w)
+                x = block.step(x, kc[:n], vc[:n], t + off, w)
             logits = probs[:n]  # (n, V-1): ids 1..V-1
             # on CPUs the head GEMM is ~1.4x faster in column blocks whose output stays in cache
             step = HEAD_BLOCK if dev.type == "cpu" and n >= 64 else V - 1
@@ -298,8 +347,8 @@ class GPT(nn.Module):
                 if len(holes):
                     src = (~fin[m:]).nonzero().squeeze(1) + m
                     for kc, vc in caches:
-                        kc[holes, :, : t + 1] = kc[src, :, : t + 1]
-                        vc[holes, :, : t + 1] = vc[src, :, : t + 1]
+                        kc[holes, :, : t + off + 1] = kc[src, :, : t + off + 1]
+                        vc[holes, :, : t + off + 1] = vc[src, :, : t + off + 1]
                     rows[holes], nxt[holes] = rows[src], nxt[src]
                 n = m
             cur[:n] = nxt[:n]
@@ -309,12 +358,13 @@ class GPT(nn.Module):
     @torch.inference_mode()
     def generate_reference(self, n_jets: int, batch_size: int = 256, temperature: float = 1.0,
                            generator: torch.Generator | None = None, max_constituents: int | None = None,
-                           top_k: int | None = None, top_p: float | None = None):
+                           top_k: int | None = None, top_p: float | None = None, labels=None):
         """The original algorithm: every step re-runs the model (and the head on every position)
         on the whole prefix; always ``max_constituents`` steps, no cache, no early exit. Same
-        random draws, ``top_k``, ``top_p`` and output format as :meth:`generate`."""
+        random draws, ``top_k``, ``top_p``, ``labels`` and output format as :meth:`generate`."""
         max_constituents, top_k, top_p = self._check_generate(n_jets, batch_size, temperature, max_constituents,
                                                               top_k, top_p)
+        cls = self._class_tokens(labels, n_jets)
         u = draw_uniforms(n_jets, max_constituents, generator)
         out = np.zeros((n_jets, max_constituents + 2), np.int64)
         dev = next(self.parameters()).device
@@ -324,11 +374,14 @@ class GPT(nn.Module):
             for s in range(0, n_jets, batch_size):
                 ub = u[s:s + batch_size].to(dev)
                 seq = torch.full((len(ub), 1), START, dtype=torch.long, device=dev)
+                if cls is not None:
+                    seq = torch.cat([seq, cls[s:s + batch_size, None].to(dev)], 1)
                 for t in range(max_constituents):
                     logits = self.forward(seq)[:, -1, 1:]  # (B, V-1), start token excluded
                     nxt = _inverse_cdf(logits, ub[:, t].to(logits.dtype), temperature, top_k=top_k, top_p=top_p) + 1
                     seq = torch.cat([seq, nxt[:, None]], 1)
                 stop = torch.full((len(ub), 1), self.config.stop_token, dtype=torch.long, device=dev)
+                seq = seq if cls is None else torch.cat([seq[:, :1], seq[:, 2:]], 1)  # without the class token
                 out[s:s + batch_size] = torch.cat([seq, stop], 1).cpu().numpy()
         finally:
             self.train(was_training)
@@ -487,9 +540,20 @@ def check_sequences(seq, mask, vocab_size: int, max_len: int, name: str = "seq")
     return seq, mask
 
 
+def insert_class_token(seq, mask, labels, vocab_size: int):
+    """Sequences with the class token ``vocab_size + label`` right after start: seq, mask (B, T)
+    tensors, labels (B,) class ids -> (B, T + 1). A row whose label is < 0 stays as it is (one
+    more padding position): no class, the plain sequence."""
+    has = (labels >= 0)[:, None]  # (B, 1)
+    token = (labels.clamp(min=0) + vocab_size).to(seq.dtype)[:, None]
+    pad, no = seq.new_zeros(len(seq), 1), mask.new_zeros(len(mask), 1)
+    return (torch.where(has, torch.cat([seq[:, :1], token, seq[:, 1:]], 1), torch.cat([seq, pad], 1)),
+            torch.where(has, torch.cat([mask[:, :1], ~no, mask[:, 1:]], 1), torch.cat([mask, no], 1)))
+
+
 # ---------------------------------------------------------------------- likelihood
 @torch.inference_mode()
-def log_likelihood(model: GPT, seq, mask, batch_size: int = 1024) -> dict:
+def log_likelihood(model: GPT, seq, mask, batch_size: int = 1024, labels=None) -> dict:
     """The log-probability ``model`` gives each jet: ``{"total", "n_tokens", "per_token"}``, numpy (N,).
 
     ``seq``, ``mask`` (N, L), numpy or torch: sequences as the GPT is trained on them (start 0,
@@ -505,12 +569,22 @@ def log_likelihood(model: GPT, seq, mask, batch_size: int = 1024) -> dict:
 
     Jets go in batches of ``batch_size`` sorted by length, each trimmed to its longest jet, one
     forward pass per batch (eval mode) on the model's device; the result does not depend on the
-    batching (up to float rounding) and is in input order."""
+    batching (up to float rounding) and is in input order. ``labels`` (N,) (a model with
+    ``n_classes``): the likelihood given each jet's class, ``log p(jet | class)``; -1: without one."""
     if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise OmnijetError(f"log_likelihood: batch_size must be an integer >= 1, got {batch_size!r}")
     seq, mask = (a.detach().cpu().numpy() if torch.is_tensor(a) else a for a in (seq, mask))
     cfg, dev = model.config, next(model.parameters()).device
     seq, mask = check_sequences(seq, mask, cfg.vocab_size, cfg.max_len, name="log_likelihood")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if not cfg.n_classes:
+            raise OmnijetError("log_likelihood: labels given, but the GPT was trained without classes (n_classes 0)")
+        if labels.shape != (len(seq),) or not np.issubdtype(labels.dtype, np.integer) or (
+                len(labels) and labels.max() >= cfg.n_classes):
+            raise OmnijetError(f"log_likelihood: labels must be {len(seq)} class ids < {cfg.n_classes} (-1: none), "
+                               f"got {labels.shape} of {labels.dtype}")
+        labels = torch.from_numpy(labels.astype(np.int64))
     n_tokens = mask.sum(1) - 1
     total = np.zeros(len(seq))
     order = np.argsort(n_tokens, kind="stable")
@@ -523,9 +597,11 @@ def log_likelihood(model: GPT, seq, mask, batch_size: int = 1024) -> dict:
             width = int(n_tokens[rows].max()) + 1  # start and the predicted tokens
             x = torch.from_numpy(seq[rows, :width]).to(dev)
             m = torch.from_numpy(mask[rows, :width]).to(dev)
-            predicted = m[:, 1:]  # (B, width-1): the token at t+1 is real
+            if labels is not None:
+                x, m = insert_class_token(x, m, labels[rows].to(dev), cfg.vocab_size)
+            predicted = m[:, 1:] & (x[:, 1:] < cfg.vocab_size)  # (B, width-1): the token at t+1 is real, not a class
             h = model.backbone(x[:, :-1], m[:, :-1])[predicted]  # (M, C)
-            per_token = torch.zeros(predicted.shape, dtype=torch.float64, device=dev)
+            per_token = torch.zeros(predicted.shape, dtype=torch.float64, device=dev)  # (B, width-1)
             per_token[predicted] = _token_log_probs(h, weight, bias, x[:, 1:][predicted] - 1)
             total[rows] = per_token.sum(1).cpu().numpy()
     finally:

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from ..io import OmnijetError, load_model, save_model
-from ..models.gpt import GPT, GPTConfig, check_sequences  # check_sequences: re-exported
+from ..models.gpt import GPT, GPTConfig, check_sequences, insert_class_token  # check_sequences: re-exported
 from .batching import PaddedDataset, make_loader
 from .fit import TrainConfig, first_epoch_factor, fit, lr_scheduler, one_cycle
-from .store import ModelRequest, ModelStore, data_identity, find_run, tokenizer_run_of
+from .store import ModelRequest, ModelStore, Run, data_identity, find_run, tokenizer_run_of
 
 __all__ = ["GPTModule", "train_gpt", "load_gpt", "check_sequences", "gpt_settings", "ensure_gpt", "GPT_FILE",
            "Backbone", "open_backbone", "ensure_gpt_on_shards"]
@@ -45,28 +45,44 @@ class GPTModule(pl.LightningModule):
     one of a long-jet batch, and the model learns a stop probability that is too high early and
     too low late: on a toy whose true lengths are known (mean 42.8), generated jets came out with
     a mean of 37.6; with this normalisation 41.7, as with unbucketed batches. ``val_loss`` stays the
-    mean per target."""
+    mean per target.
+
+    A model with classes (``config.n_classes``) reads the batches' ``labels``: each jet gets its class
+    token, except a random ``class_dropout`` share of them (drawn anew every step) that train the
+    unconditional model; validation always gives the class."""
 
     def __init__(self, config: GPTConfig, lr: float = 1e-3, weight_decay: float = 1e-2,
                  loss_over_padding: bool = False, first_epoch_lr_factor: float = 1.0,
-                 targets_per_jet: float | None = None, schedule: str = "one_cycle"):
+                 targets_per_jet: float | None = None, schedule: str = "one_cycle", class_dropout: float = 0.0):
         super().__init__()
+        if config.n_classes and loss_over_padding:
+            raise OmnijetError("a GPT with classes trains with the loss over real tokens only (loss_over_padding false)")
         self.model = GPT(config)
         self.lr, self.weight_decay = lr, weight_decay
         self.loss_over_padding, self.first_epoch_lr_factor = loss_over_padding, first_epoch_lr_factor
-        self.targets_per_jet, self.schedule = targets_per_jet, schedule
+        self.targets_per_jet, self.schedule, self.class_dropout = targets_per_jet, schedule, class_dropout
+
+    def _inputs(self, batch, dropout: float = 0.0):
+        x, mask = batch["x"], batch["mask"]
+        if not self.model.config.n_classes:
+            return x, mask
+        labels = batch["labels"]
+        if dropout:
+            labels = labels.masked_fill(torch.rand(len(labels), device=labels.device) < dropout, -1)
+        return insert_class_token(x, mask, labels, self.model.config.vocab_size)
 
     def training_step(self, batch, batch_idx):
-        x, mask = batch["x"], batch["mask"]
+        x, mask = self._inputs(batch, self.class_dropout)
         loss = self.model.loss(x, mask, over_padding=self.loss_over_padding)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(x))
         if self.targets_per_jet and not self.loss_over_padding:
-            loss = loss * mask[:, 1:].sum() / (len(x) * self.targets_per_jet)
+            loss = loss * (mask[:, 1:] & (x[:, 1:] < self.model.config.vocab_size)).sum() / (len(x) * self.targets_per_jet)
         return loss
 
     def validation_step(self, batch, batch_idx):
-        loss = self.model.loss(batch["x"], batch["mask"], over_padding=self.loss_over_padding)
-        self.log("val_loss", loss, prog_bar=True, batch_size=len(batch["x"]), sync_dist=True)
+        x, mask = self._inputs(batch)
+        loss = self.model.loss(x, mask, over_padding=self.loss_over_padding)
+        self.log("val_loss", loss, prog_bar=True, batch_size=len(x), sync_dist=True)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
@@ -77,16 +93,21 @@ class GPTModule(pl.LightningModule):
 
 def train_gpt(seq, seq_mask, out_dir: str | os.PathLike, config: GPTConfig | None = None,
               epochs: int | None = None, batch_size: int = 256, train_config: TrainConfig | None = None,
-              seed: int = 0, val_fraction: float = 0.1, lr: float = 1e-3) -> GPT:
+              seed: int = 0, val_fraction: float = 0.1, lr: float = 1e-3, labels=None, class_dropout: float = 0.1,
+              init: GPT | None = None) -> GPT:
     """Train a GPT on tokenizer sequences ``seq`` (N, L<=max_len) int with ``seq_mask`` (N, L).
 
     ``val_fraction`` of the jets (random, fixed by ``seed``) are held out for ``val_loss``; the
     weights with the lowest ``val_loss`` are returned and saved to ``out_dir/gpt.safetensors``.
     ``epochs`` overrides ``train_config.max_epochs``; ``seed`` sets the split, the batch order
     and Lightning's seed. A rerun with the same ``out_dir`` resumes from ``last.ckpt``.
+    ``labels`` (N,) class ids train a model with ``config.n_classes`` (``class_dropout`` of the jets
+    without their class every step). ``init``: a GPT of the same config whose weights the training
+    starts from (fine-tuning) instead of a random initialisation.
     """
     config = config or GPTConfig()
     seq, seq_mask = check_sequences(seq, seq_mask, config.vocab_size, config.max_len)
+    extra = _class_labels(labels, len(seq), config, class_dropout)
     if not 0 <= val_fraction < 1:
         raise OmnijetError(f"val_fraction must be in [0, 1), got {val_fraction}")
     cfg = dataclasses.replace(train_config or TrainConfig(), seed=seed)
@@ -99,40 +120,73 @@ def train_gpt(seq, seq_mask, out_dir: str | os.PathLike, config: GPTConfig | Non
         n_val = max(n_val, 1)
     val, train = order[:n_val], order[n_val:]
     bucket = cfg.batching == "bucketed"
-    train_loader = make_loader(PaddedDataset(seq[train], seq_mask[train]), batch_size, shuffle=True, seed=seed,
-                               bucket=bucket)
-    val_loader = (make_loader(PaddedDataset(seq[val], seq_mask[val]), batch_size, shuffle=False, bucket=bucket)
-                  if n_val else None)
+    train_loader = make_loader(PaddedDataset(seq[train], seq_mask[train], **{k: v[train] for k, v in extra.items()}),
+                               batch_size, shuffle=True, seed=seed, bucket=bucket)
+    val_loader = (make_loader(PaddedDataset(seq[val], seq_mask[val], **{k: v[val] for k, v in extra.items()}),
+                              batch_size, shuffle=False, bucket=bucket) if n_val else None)
 
     module = GPTModule(config, lr=lr, loss_over_padding=cfg.loss_over_padding,
                        first_epoch_lr_factor=cfg.first_epoch_lr_factor, schedule=cfg.schedule,
-                       targets_per_jet=float(np.asarray(seq_mask[train])[:, 1:].sum(1).mean()) if len(train) else None)
+                       targets_per_jet=float(np.asarray(seq_mask[train])[:, 1:].sum(1).mean()) if len(train) else None,
+                       class_dropout=class_dropout if extra else 0.0)
+    if init is not None:
+        if init.config != config:
+            raise OmnijetError(f"init: the GPT to start from has another config ({init.config}) than {config}")
+        module.model.load_state_dict(init.state_dict())
     module = fit(module, train_loader, val_loader, out_dir=out_dir, config=cfg)
     model = module.model.cpu().eval()
     save_model(Path(out_dir) / GPT_FILE, model)
     return model
 
 
+def _class_labels(labels, n: int, config: GPTConfig, class_dropout: float) -> dict:
+    """``{"labels": (n,) int64}`` for a GPT with classes, ``{}`` without; checked."""
+    if not config.n_classes:
+        if labels is not None:
+            raise OmnijetError("labels given for a GPT without classes: set n_classes in its config")
+        return {}
+    labels = None if labels is None else np.asarray(labels)
+    if labels is None or labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer) or (
+            n and (labels.min() < 0 or labels.max() >= config.n_classes)):
+        raise OmnijetError(f"a GPT with {config.n_classes} classes needs labels: {n} class ids in 0..{config.n_classes - 1}")
+    if not 0 <= class_dropout < 1:
+        raise OmnijetError(f"class_dropout must be in [0, 1), got {class_dropout}")
+    return {"labels": labels.astype(np.int64)}
+
+
 def gpt_settings(config: GPTConfig, epochs: int | None = None, batch_size: int = 256,
-                 train_config: TrainConfig | None = None, seed: int = 0, lr: float = 1e-3) -> tuple[dict, TrainConfig]:
+                 train_config: TrainConfig | None = None, seed: int = 0, lr: float = 1e-3,
+                 class_dropout: float | None = None) -> tuple[dict, TrainConfig]:
     """``(settings, train config)``: everything besides the sequences that decides what
-    :func:`train_gpt` gives, as the model store records it."""
+    :func:`train_gpt` gives, as the model store records it (``class_dropout``: of a GPT with classes)."""
     cfg = dataclasses.replace(train_config or TrainConfig(), seed=seed,
                               **({"max_epochs": epochs} if epochs is not None else {}))
-    return {"config": dataclasses.asdict(config), "batch_size": int(batch_size), "lr": lr, "trainer": cfg.settings}, cfg
+    conf = dataclasses.asdict(config)
+    if not config.n_classes:
+        del conf["n_classes"]  # the settings (and store hashes) of the GPTs from before classes existed
+    settings = {"config": conf, "batch_size": int(batch_size), "lr": lr, "trainer": cfg.settings}
+    return settings | ({"class_dropout": class_dropout} if config.n_classes else {}), cfg
 
 
 def ensure_gpt(store: ModelStore, name: str, seq, seq_mask, config: GPTConfig, source: dict,
                epochs: int | None = None, batch_size: int = 256, train_config: TrainConfig | None = None,
-               seed: int = 0, lr: float = 1e-3):
+               seed: int = 0, lr: float = 1e-3, labels=None, class_dropout: float = 0.1, init: Run | None = None):
     """``(GPT, Run)``: the GPT ``name`` of ``store`` trained with exactly these settings on exactly
-    these sequences (``source`` says where they come from), trained there (resumably) when there
-    is none; :func:`train_gpt`'s arguments."""
-    settings, cfg = gpt_settings(config, epochs, batch_size, train_config, seed, lr)
-    request = ModelRequest(name, settings, data_identity(source, np.asarray(seq, np.int64), np.asarray(seq_mask, bool)))
+    these sequences (``source`` says where they come from; ``labels`` for a GPT with classes),
+    trained there (resumably) when there is none; :func:`train_gpt`'s arguments. ``init``: the
+    store run of a GPT to start from (generative fine-tuning); its identity is part of the request."""
+    settings, cfg = gpt_settings(config, epochs, batch_size, train_config, seed, lr, class_dropout)
+    if init is not None:
+        settings["init"] = init.settings_hash
+    arrays = [np.asarray(seq, np.int64), np.asarray(seq_mask, bool)]
+    if labels is not None:
+        arrays.append(np.asarray(labels, np.int64))
+    request = ModelRequest(name, settings, data_identity(source, *arrays))
+    start = None if init is None else load_gpt(init.path / GPT_FILE, vocab_size=config.vocab_size)
     return store.get(request,
                      train=lambda run: train_gpt(seq, seq_mask, run, config=config, batch_size=batch_size,
-                                                 train_config=cfg, seed=seed, lr=lr),
+                                                 train_config=cfg, seed=seed, lr=lr, labels=labels,
+                                                 class_dropout=class_dropout, init=start),
                      load=lambda run: load_gpt(run / GPT_FILE, vocab_size=config.vocab_size))
 
 
