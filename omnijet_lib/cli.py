@@ -324,11 +324,12 @@ def _generate(argv) -> int:
         description="Generate jets with a pre-trained backbone into one JetClass-schema ROOT file (part_px, py, pz,\n"
         "energy; jet_* recomputed from the constituents, jet_sdmass 0) and their token sequences beside it\n"
         "(g.root -> g.tokens/: token shards as omnijet tokenize writes them). Generated jets have no truth:\n"
-        "label_* is the backbone's training class when it had one (gpt_top: Tbqq), else QCD. Jets whose stop\n"
+        "label_* is --class, or the backbone's training class when it had one (gpt_top: Tbqq), else QCD. Jets whose stop\n"
         "token comes first (no constituent) are dropped and more are drawn. Written chunk by chunk, renamed\n"
         "into place only when complete; an existing --out is refused unless --overwrite.",
         epilog="example:\n  omnijet generate --backbone data/models/quick/gpt_top -n 1000 --out g.root --top-k 100 "
-               "--seed 1")
+               "--seed 1\n  omnijet generate --backbone data/models/quick/gpt_all_conditional --class Hbb -n 1000 "
+               "--out hbb.root")
     _backbone_options(ap)
     ap.add_argument("-n", dest="n_jets", type=int, required=True, metavar="N", help="number of jets to write")
     ap.add_argument("--out", required=True, metavar="FILE", help="output .root file (its folder must exist)")
@@ -340,12 +341,15 @@ def _generate(argv) -> int:
                     "next tokens whose probabilities sum to at least P, in (0, 1] (after --top-k; default 1: all)")
     ap.add_argument("--seed", type=int, default=0, metavar="S", help="the same seed and options give the same jets")
     ap.add_argument("--batch-size", type=int, default=256, metavar="B", help="jets generated at once (default 256)")
+    ap.add_argument("--class", dest="jet_class", metavar="NAME", help="a class-conditional backbone (gpt_all_conditional) "
+                    "generates jets of this class (QCD, Hbb, ..., Tbl); default: its unconditional mode")
     a = ap.parse_args(argv)
     from .studies.generation import generate_to_root  # after parsing: --help and usage errors are instant
 
     backbone, _ = _open_backbone(a)
     done = generate_to_root(backbone, a.n_jets, a.out, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                            seed=a.seed, batch_size=a.batch_size, overwrite=a.overwrite, progress=_say)
+                            seed=a.seed, batch_size=a.batch_size, overwrite=a.overwrite, progress=_say,
+                            jet_class=a.jet_class)
     print(done["out"])
     print(done["tokens"])
     _say(f"{done['jets']} jets (label {done['label']}) in {done['seconds']:.1f} s: {done['jets_per_second']:.0f} "

@@ -340,10 +340,13 @@ def _dict_schemas() -> dict[str, dict]:
     trainer = {"procedure": ("str",), **_config_kinds(TrainConfig)}  # TrainConfig.from_params(trainer)
     model_kw = _config_kinds(VQVAEConfig, "conditional", "num_codes")  # set from the kind and K
     size = {"epochs": ("int",), "model_kw": model_kw, "extra_per_class": ("int",)}
-    gpt_config = _config_kinds(GPTConfig, "vocab_size")  # GPTConfig(vocab_size=tokenizer's, **gpt_config)
+    gpt_config = _config_kinds(GPTConfig, "vocab_size", "n_classes")  # GPTConfig(vocab_size=tokenizer's, **gpt_config)
     data = {"data_files": ("str", "list[str]", "None"), "per_class": ("int",), "seed": ("int",), "trainer": trainer}
     classifiers = {"deepsets": _config_kinds(DeepSetsConfig, "n_classes"),
                    "transformer": _config_kinds(TransformerClassifierConfig, "n_classes")}
+    backbone = {"gpt_config": gpt_config, "epochs": ("int",), "batch_size": ("int",),
+                "per_model": _PerKey({"epochs": ("int",), "dropout": ("float",)}), "class_dropout": ("float",),
+                "data_seed": ("int",), "shards": ("str", "None"), **data}
     return {
         "trainer": trainer,
         "classifier_kw": classifiers,
@@ -351,9 +354,9 @@ def _dict_schemas() -> dict[str, dict]:
         # studies.tokens.TOKENIZER_DEFAULTS and its data keys (a test holds the two together)
         "tokenizer": {**size, "batch_size": ("int",), "extra_seed": ("int",), "per_size": _PerKey(size), **data},
         # studies.generation.BACKBONE_DEFAULTS and its data keys (a test holds the two together)
-        "backbone": {"gpt_config": gpt_config, "epochs": ("int",), "batch_size": ("int",),
-                     "per_model": _PerKey({"epochs": ("int",), "dropout": ("float",)}), "data_seed": ("int",),
-                     "shards": ("str", "None"), **data},
+        "backbone": backbone,
+        "class_backbone": backbone,  # notebook 06: overrides of the backbone for its class-conditional one
+        "density_sizes": _PerKey(gpt_config),  # notebook 06: other sizes of the q/g backbone
     }
 
 
@@ -917,6 +920,26 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
         pretrained = 2 * source["per_class"] if "per_class" in source else n
         runs.append(("the supervised classifier (combined backbone fine-tuned on the backbones' jets)", "gpt_classifier",
                      pretrained, p.get("classifier_epochs", 1), p.get("classifier_batch_size", 64)))
+        # what it takes: the q/g backbone on fewer jets and in other sizes
+        from .data.jetclass import CLASS_LABELS
+
+        runs += [r for f in p.get("density_fractions") or [] for r in _backbone_runs(p, n, "qcd", f)]
+        profile_gpt = backbone_data(p.get("backbone"), load=False).settings["gpt_config"]
+        for tag, size in (p.get("density_sizes") or {}).items():
+            sized = {**(p.get("backbone") or {}), "gpt_config": {**profile_gpt, **size}}
+            runs += _backbone_runs(p, n, "qcd", backbone=sized, tag=tag)
+        # class-conditional generation: the all-class backbone, single-class ones with its optimiser steps
+        own = {**(p.get("backbone") or {}), "shards": None, **(p.get("class_backbone") or {})}
+        conditional = _backbone_runs(p, n, "all", conditional=True, backbone=own, classes=CLASS_LABELS)
+        runs += conditional
+        singles = p.get("single_class") or []
+        runs += [r for c in singles for r in _backbone_runs(p, n, c, epochs=conditional[0][3] * len(CLASS_LABELS),
+                                                             backbone=own, classes=CLASS_LABELS)]
+        gen = len(CLASS_LABELS) * p.get("generate_per_class", 0) + len(singles) * p.get("generate_per_class", 0)
+        runs.append((f"generation of {gen} jets (conditional and single-class)", "gpt_generate", gen, 1, None))
+        runs.append((f"classifier tests of the {gen} generated jets", "deepsets", 0.6 * 2 * gen, 20, 256))
+        sampled = len(p.get("sampler_settings") or []) * p.get("sampler_jets", 0)
+        runs.append((f"sampler controls: {sampled} jets", "gpt_generate", sampled, 1, None))
     return runs
 
 
@@ -945,27 +968,31 @@ def _tokenizer_runs(p: dict, n: int, kind: str, num_codes) -> list[tuple]:
              _in_store(p, name, settings))]
 
 
-def _backbone_runs(p: dict, n: int, name: str, fraction: float = 1.0) -> list[tuple]:
+def _backbone_runs(p: dict, n: int, name: str, fraction: float = 1.0, conditional: bool = False,
+                   epochs: int | None = None, backbone: dict | None = None, classes=None, tag: str = "") -> list[tuple]:
     """The pre-training of the profile's backbone ``name`` (on ``fraction`` of its jets, with the same
     optimiser steps) as :func:`omnijet_lib.studies.generation.profile_backbone` asks the store for it
     (90% of the jets train, 10% validate; streamed from token shards, all train), and whether the
-    store has it."""
-    from .studies.generation import BACKBONE_CLASSES, backbone_data
+    store has it. ``backbone`` (default the profile's) and ``classes`` as :func:`backbone_data` takes them."""
+    from .studies.generation import BACKBONE_CLASSES, backbone_classes, backbone_data
     from .training.gpt import gpt_settings
 
-    data = backbone_data(p.get("backbone"), p.get("data_files"), p.get("per_class", 300), p.get("seed", 1),
-                         p.get("trainer"), load=False)
-    store_name, args = data.gpt_args(name, int(p.get("num_codes", 0)) + 2, fraction)
+    loaded = tuple(classes or BACKBONE_CLASSES["combined"])
+    data = backbone_data(p.get("backbone") if backbone is None else backbone, p.get("data_files"),
+                         p.get("per_class", 300), p.get("seed", 1), p.get("trainer"), load=False, classes=loaded)
+    store_name, args = data.gpt_args(name, int(p.get("num_codes", 0)) + 2, fraction, conditional, epochs, tag)
+    own = backbone_classes(name)
     streamed = ""
     if "shards" in data.source:
-        n, streamed = _shards(data.source["shards"], BACKBONE_CLASSES[name])
-        n *= 2 / len(BACKBONE_CLASSES[name])  # jets below count per backbone class pair
+        n, streamed = _shards(data.source["shards"], own)
+        n *= len(loaded) / len(own)  # jets below count per loaded class
     elif "per_class" in data.source:
-        n = 2 * data.source["per_class"]
+        n = len(loaded) * data.source["per_class"]
     elif data.source["data_files"] != p.get("data_files"):  # files of its own
-        n = _data({"data_files": data.source["data_files"]}, classes=list(BACKBONE_CLASSES["combined"]))[0]
-    jets = len(BACKBONE_CLASSES[name]) / 2 * n * fraction
-    what = f"GPT {name}" + (f" on {fraction:g} of its jets (data scaling)" if fraction < 1 else "") + streamed
+        n = _data({"data_files": data.source["data_files"]}, classes=list(loaded))[0]
+    jets = len(own) / len(loaded) * n * fraction
+    what = f"GPT {name}" + (f" {tag}" if tag else "") + (" class-conditional" if conditional else "") + \
+        (f" on {fraction:g} of its jets (data scaling)" if fraction < 1 else "") + streamed
     settings = {**gpt_settings(**args)[0], **({"streamed": True} if streamed else {})}
     return [(f"{what} (the profile's backbone; trained once, by the first notebook that needs it)", "gpt",
              (1.0 if streamed else 0.9) * jets, args["epochs"], args["batch_size"], data.trainer,

@@ -78,4 +78,10 @@ def tiny_store(tmp_path_factory) -> Path:
     gpt = GPT(GPTConfig(vocab_size=18, n_embd=16, n_head=2, n_layer=1, ffn=32, max_len=130))
     store.get(ModelRequest("gpt_combined", {"tiny": 1}, {"source": {"tokenizer": tok_run.settings_hash}}),
               train=lambda d: save_model(d / GPT_FILE, gpt), load=lambda d: load_gpt(d / GPT_FILE))
+    # and a class-conditional one (all ten classes) whose classes matter
+    cond = GPT(GPTConfig(vocab_size=18, n_embd=16, n_head=2, n_layer=1, ffn=32, max_len=130, n_classes=10))
+    with torch.no_grad():
+        cond.class_embed.weight.mul_(5.0)
+    store.get(ModelRequest("gpt_all_conditional", {"tiny": 1}, {"source": {"tokenizer": tok_run.settings_hash}}),
+              train=lambda d: save_model(d / GPT_FILE, cond), load=lambda d: load_gpt(d / GPT_FILE))
     return root

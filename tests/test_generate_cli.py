@@ -42,6 +42,25 @@ def _same(a, b):
 
 
 # ---------------------------------------------------------------------------- the command
+def test_generate_a_class_with_a_class_conditional_backbone(tiny_store, tmp_path, capsys):
+    cond = f"{tiny_store}/gpt_all_conditional"
+    jets = {}
+    for name in ("Hbb", "Tbl"):
+        out = tmp_path / f"{name}.root"
+        status, _, stderr = _generate(capsys, "--backbone", cond, "--class", name, "-n", 200, "--out", out, "--seed", 1)
+        assert status == 0, stderr
+        jets[name] = read_jetclass(out)
+        assert json.loads((tmp_path / f"{name}.tokens" / "manifest.json").read_text())["class"] == name
+    assert np.all(ak.to_numpy(jets["Hbb"].label) == 1) and np.all(ak.to_numpy(jets["Tbl"].label) == 9)
+    # the same uniforms, another class token: other jets
+    assert not np.array_equal(ak.to_numpy(jets["Hbb"].jet_nparticles), ak.to_numpy(jets["Tbl"].jet_nparticles))
+    for backbone, cls, msg in [(_backbone(tiny_store), "Hbb", "trained without classes"),
+                               (cond, "Hbq", "unknown class; known: QCD, Hbb")]:
+        status, _, stderr = _generate(capsys, "--backbone", backbone, "--class", cls, "-n", 5, "--out", tmp_path / "x.root")
+        assert status == 1 and msg in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.root").exists()
+
+
 def test_generate_writes_n_jets_that_read_back_with_their_tokens(tiny_store, tmp_path, capsys):
     out = tmp_path / "g.root"
     status, stdout, stderr = _generate(capsys, "--backbone", _backbone(tiny_store), "-n", 1000, "--out", out,

@@ -114,12 +114,49 @@ def test_profile_backbones_train_on_their_classes_with_their_own_settings(tmp_pa
     assert rec["settings"]["trainer"]["max_epochs"] == 2  # the same optimiser steps as 1 epoch over all 60
     other_tok = make_tokenizer("binned", bins=3).fit(*_jets(50))
     assert profile_backbone(store, "top", other_tok, tok_run, data)[1].path != run.path  # another tokenizer: its own
-    with pytest.raises(OmnijetError, match=r"^backbone.per_model: tops not among qcd, top, combined$"):
+    with pytest.raises(OmnijetError, match=r"^backbone.per_model: tops not among qcd, top, combined, all, QCD, "):
         profile_backbone(store, "top", tok, tok_run, _backbone_data(per_model={"tops": {"epochs": 2}}))
     with pytest.raises(OmnijetError, match=r"^backbone.per_model.top: unknown key epoch; known: epochs, dropout$"):
         profile_backbone(store, "top", tok, tok_run, _backbone_data(per_model={"top": {"epoch": 2}}))
     with pytest.raises(OmnijetError, match=r"^backbone.gpt_config: .*n_emb"):
         profile_backbone(store, "top", tok, tok_run, _backbone_data(gpt_config={"n_emb": 8}))
+
+
+def test_class_conditional_and_single_class_backbones(tmp_path):
+    tok, store = _binned(), _store(tmp_path)
+    tok_run = Run(tmp_path / "tok", "0123456789abcdef", False, 0.0)
+    data = _backbone_data(class_dropout=0.2)
+    gpt, run = profile_backbone(store, "all", tok, tok_run, data, conditional=True)
+    rec = run.record()
+    assert run.path.parent.name == "gpt_all_conditional" and gpt.config.n_classes == 10
+    assert rec["data"]["jets"] == 60 and rec["settings"]["class_dropout"] == 0.2
+    seq, mask = gpt.generate(6, labels=8, generator=torch.Generator().manual_seed(0))
+    assert seq.shape[0] == 6 and (seq[mask] < tok.vocab_size).all()
+    # the same jets with other labels are another model; a plain all-class backbone is another one too
+    relabelled = _backbone_data(class_dropout=0.2)
+    relabelled.labels = relabelled.labels[::-1].copy()
+    assert profile_backbone(store, "all", tok, tok_run, relabelled, conditional=True)[1].path != run.path
+    plain, prun = profile_backbone(store, "all", tok, tok_run, data)
+    assert prun.path.parent.name == "gpt_all" and plain.config.n_classes == 0
+    # a single class, with the optimiser steps of the all-class backbone given as epochs
+    one, orun = profile_backbone(store, "Tbqq", tok, tok_run, data, epochs=3)
+    assert orun.path.parent.name == "gpt_class_Tbqq" and orun.record()["data"]["jets"] == 20
+    assert orun.record()["settings"]["trainer"]["max_epochs"] == 3
+    with pytest.raises(OmnijetError, match=r"^backbone 'Tbbq' is unknown; known: qcd, top, combined, all or a class"):
+        profile_backbone(store, "Tbbq", tok, tok_run, data)
+
+
+def test_judge_generation_compares_observables_and_tests():
+    from omnijet_lib.studies.generation import JUDGED_OBSERVABLES, judge_generation
+
+    x, mask = _jets(120, L=12, seed=3)
+    far, far_mask = _jets(120, L=12, shift=0.8, seed=4)
+    same = judge_generation(*_jets(120, L=12, seed=5), x, mask)
+    other = judge_generation(far, far_mask, x, mask, deepsets_seeds=(0,), classifier_epochs=3)
+    assert set(JUDGED_OBSERVABLES) == {k[3:] for k in same if k.startswith("w1_")}
+    assert same["tree_auc"] < 0.65 < other["tree_auc"] and "deepsets_auc" in other and "deepsets_auc" not in same
+    assert other["w1_mass"] > 2 * same["w1_mass"] and same["n_generated"] == 120
+    assert other["median_multiplicity"]["reference"] == same["median_multiplicity"]["reference"]
 
 
 def test_backbone_data_refuses_unknown_keys():

@@ -30,10 +30,10 @@ import torch
 from ..data import CLASS_LABELS
 from ..io import OmnijetError, value_per_key
 
-__all__ = ["decode_generated", "BACKBONE_DEFAULTS", "BACKBONE_CLASSES", "BackboneData", "backbone_data",
+__all__ = ["decode_generated", "BACKBONE_DEFAULTS", "BACKBONE_CLASSES", "backbone_classes", "BackboneData", "backbone_data",
            "profile_backbone", "classifier_test", "w1_scores", "time_generation", "data_scaling", "generate_to_root",
            "generated_label", "profile_epic_fm",
-           "jet_summary_features", "boosted_tree_test", "copy_fraction"]
+           "jet_summary_features", "boosted_tree_test", "copy_fraction", "judge_generation"]
 
 
 def decode_generated(tok, seq, mask=None, max_len: int = 128) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +60,9 @@ def decode_generated(tok, seq, mask=None, max_len: int = 128) -> tuple[np.ndarra
 
 #: profile ``backbone`` dict (overrides of these): the GPT backbones of notebooks 02 (q/g, t→bqq',
 #: combined, and the combined one's data-scaling variants), 03 (combined, with its tokenizer) and
-#: 04 (t→bqq'). ``per_model: {name: {epochs, dropout}}`` overrides for one backbone. The data keys
+#: 04 (t→bqq'); 06 asks for one on all ten classes and single-class ones (:func:`backbone_classes`).
+#: ``class_dropout``: the share of jets a class-conditional backbone sees without their class token
+#: (its unconditional mode). ``per_model: {name: {epochs, dropout}}`` overrides for one backbone. The data keys
 #: ``data_files``, ``per_class`` and ``trainer`` are the notebook's own unless set; ``data_seed``
 #: (simulation; default the notebook's seed + 1, jets no notebook measures on) and ``seed`` (the
 #: training's split, initialisation and batch order; default the notebook's seed). ``shards``: a
@@ -71,11 +73,31 @@ BACKBONE_DEFAULTS = {
     "epochs": 3,
     "batch_size": 64,                                                   # paper: 256
     "per_model": {},
+    "class_dropout": 0.1,
 }
 BACKBONE_DATA_KEYS = ("data_files", "per_class", "data_seed", "seed", "trainer", "shards")
 BACKBONE_MODEL_KEYS = ("epochs", "dropout")
 #: the backbones and the jet classes each one is pre-trained on
 BACKBONE_CLASSES = {"qcd": ("QCD",), "top": ("Tbqq",), "combined": ("QCD", "Tbqq")}
+
+
+def backbone_classes(name: str) -> tuple[str, ...]:
+    """The jet classes backbone ``name`` is pre-trained on: those of :data:`BACKBONE_CLASSES`,
+    ``"all"`` the ten JetClass classes, or a class label (``"Hbb"``) that one class alone."""
+    if name in BACKBONE_CLASSES:
+        return BACKBONE_CLASSES[name]
+    if name == "all":
+        return tuple(CLASS_LABELS)
+    if name in CLASS_LABELS:
+        return (name,)
+    raise OmnijetError(f"backbone {name!r} is unknown; known: {', '.join(BACKBONE_CLASSES)}, all or a class label "
+                       f"({', '.join(CLASS_LABELS)})")
+
+
+def _store_name(name: str, fraction: float, conditional: bool, tag: str = "") -> str:
+    base = f"gpt_{name}" if name in BACKBONE_CLASSES or name == "all" else f"gpt_class_{name}"
+    return (base + ("_conditional" if conditional else "") + ("" if fraction == 1 else f"_scaling_{fraction:g}")
+            + (f"_{tag}" if tag else ""))
 
 
 @dataclass
@@ -94,9 +116,7 @@ class BackboneData:
 
     def selection(self, name: str) -> np.ndarray:
         """(N,) bool: the jets backbone ``name`` is pre-trained on."""
-        if name not in BACKBONE_CLASSES:
-            raise OmnijetError(f"backbone {name!r} is unknown; known: {', '.join(BACKBONE_CLASSES)}")
-        return np.isin(self.labels, [CLASS_LABELS.index(c) for c in BACKBONE_CLASSES[name]])
+        return np.isin(self.labels, [CLASS_LABELS.index(c) for c in backbone_classes(name)])
 
     def tokens(self, tok) -> np.ndarray:
         """(N, L) the jets' tokens under ``tok`` (kept for the last tokenizer asked)."""
@@ -106,39 +126,46 @@ class BackboneData:
             self._tokens = (tok, tokenize(tok, self.x, self.mask))
         return self._tokens[1]
 
-    def gpt_args(self, name: str, vocab_size: int, fraction: float = 1.0) -> tuple[str, dict]:
+    def gpt_args(self, name: str, vocab_size: int, fraction: float = 1.0, conditional: bool = False,
+                 epochs: int | None = None, tag: str = "") -> tuple[str, dict]:
         """``(store name, arguments)`` of backbone ``name`` on ``fraction`` of its jets:
         ``config``, ``epochs``, ``batch_size``, ``train_config`` and ``seed`` of
-        :func:`~omnijet_lib.training.gpt.ensure_gpt` (and :func:`~omnijet_lib.training.gpt.gpt_settings`).
-        A fraction trains ``epochs / fraction`` epochs: the same optimiser steps."""
+        :func:`~omnijet_lib.training.gpt.ensure_gpt` (and :func:`~omnijet_lib.training.gpt.gpt_settings`),
+        and ``class_dropout`` for a ``conditional`` one (a GPT with the ten classes).
+        A fraction trains ``epochs / fraction`` epochs: the same optimiser steps. ``epochs``
+        overrides the profile's (e.g. a single-class backbone with the steps of an all-class one).
+        ``tag`` names a variant (another GPT size) in the store: ``gpt_qcd_<tag>``."""
         from ..models.gpt import GPTConfig
         from ..training.fit import TrainConfig
 
-        if name not in BACKBONE_CLASSES:
-            raise OmnijetError(f"backbone {name!r} is unknown; known: {', '.join(BACKBONE_CLASSES)}")
+        backbone_classes(name)
         if not 0 < fraction <= 1:
             raise OmnijetError(f"backbone {name}: fraction {fraction} is not in (0, 1]")
-        own = value_per_key("backbone.per_model", self.settings["per_model"], list(BACKBONE_CLASSES), {})[name]
+        own = value_per_key("backbone.per_model", self.settings["per_model"],
+                            list(dict.fromkeys([*BACKBONE_CLASSES, "all", *CLASS_LABELS])), {})[name]
         unknown = sorted(set(own) - set(BACKBONE_MODEL_KEYS))
         if unknown:
             raise OmnijetError(f"backbone.per_model.{name}: unknown key {unknown[0]}; known: {', '.join(BACKBONE_MODEL_KEYS)}")
-        gpt = {**self.settings["gpt_config"], **({"dropout": own["dropout"]} if "dropout" in own else {})}
+        gpt = {**self.settings["gpt_config"], **({"dropout": own["dropout"]} if "dropout" in own else {}),
+               **({"n_classes": len(CLASS_LABELS)} if conditional else {})}
         try:
             config = GPTConfig(vocab_size=vocab_size, **gpt)
         except TypeError as err:
             raise OmnijetError(f"backbone.gpt_config: {err}") from None
-        epochs = int(own.get("epochs", self.settings["epochs"]))
-        store_name = f"gpt_{name}" if fraction == 1 else f"gpt_{name}_scaling_{fraction:g}"
-        return store_name, {"config": config, "epochs": max(1, round(epochs / fraction)),
-                            "batch_size": int(self.settings["batch_size"]),
-                            "train_config": TrainConfig.from_params(self.trainer, progress_bar=False), "seed": self.seed}
+        epochs = int(epochs if epochs is not None else own.get("epochs", self.settings["epochs"]))
+        return _store_name(name, fraction, conditional, tag), {
+            "config": config, "epochs": max(1, round(epochs / fraction)), "batch_size": int(self.settings["batch_size"]),
+            "train_config": TrainConfig.from_params(self.trainer, progress_bar=False), "seed": self.seed,
+            **({"class_dropout": float(self.settings["class_dropout"])} if conditional else {})}
 
 
 def backbone_data(backbone: dict | None, data_files=None, per_class: int = 300, seed: int = 1,
-                  trainer: dict | None = None, load: bool = True) -> BackboneData:
+                  trainer: dict | None = None, load: bool = True,
+                  classes=BACKBONE_CLASSES["combined"]) -> BackboneData:
     """The jets of the profile's backbones, from a notebook's parameters: its ``backbone`` dict
     (:data:`BACKBONE_DEFAULTS`) and, where that does not set them, its own data settings. Without
-    ``load`` only the settings (for a dry run)."""
+    ``load`` only the settings (for a dry run). ``classes``: the jet classes loaded (q/g and t→bqq',
+    what notebooks 02-04 pre-train on; all ten for notebook 06's class-conditional backbone)."""
     from ..data.features import constituent_features, to_padded
     from ..datasets import load_dataset
 
@@ -149,27 +176,35 @@ def backbone_data(backbone: dict | None, data_files=None, per_class: int = 300, 
     files, n = backbone.get("data_files", data_files), backbone.get("per_class", per_class)
     data_seed = backbone.get("data_seed", seed + 1)
     source = {"data_files": files} if files is not None else {"per_class": n, "seed": data_seed}
+    if tuple(classes) != BACKBONE_CLASSES["combined"]:  # (the jets of notebooks 02-04 keep their identity)
+        source["classes"] = list(classes)
     if backbone.get("shards") is not None:
         source = {"shards": backbone["shards"]}
     data = BackboneData(source, {k: backbone.get(k, v) for k, v in BACKBONE_DEFAULTS.items()},
                         dict(backbone.get("trainer", trainer) or {}), int(backbone.get("seed", seed)))
     if load:
-        jets = load_dataset(files, per_class=n, seed=data_seed, classes=list(BACKBONE_CLASSES["combined"]))
+        jets = load_dataset(files, per_class=n, seed=data_seed, classes=list(classes))
         data.x, data.mask = to_padded(constituent_features(jets))
         data.labels = np.asarray(jets.label)
     return data
 
 
-def profile_backbone(store, name: str, tok, tok_run, data: BackboneData, fraction: float = 1.0):
-    """``(GPT, Run)``: the profile's backbone ``name`` (:data:`BACKBONE_CLASSES`) for the tokenizer
+def profile_backbone(store, name: str, tok, tok_run, data: BackboneData, fraction: float = 1.0,
+                     conditional: bool = False, epochs: int | None = None, tag: str = ""):
+    """``(GPT, Run)``: the profile's backbone ``name`` (:func:`backbone_classes`) for the tokenizer
     ``tok`` (its store run ``tok_run``) from the model store, pre-trained there on ``data`` when the
     store has none with exactly these settings. ``fraction`` < 1: on that share of its jets (a
-    random subset) with the same optimiser steps, for data scaling."""
+    random subset) with the same optimiser steps, for data scaling. ``conditional``: a GPT that
+    also learns each jet's class (a class token, :func:`~omnijet_lib.models.gpt.insert_class_token`).
+    ``epochs`` overrides the profile's; ``tag`` names a variant (e.g. another GPT size) in the store."""
     from ..training.gpt import ensure_gpt, ensure_gpt_on_shards
 
-    store_name, args = data.gpt_args(name, tok.vocab_size, fraction)
+    store_name, args = data.gpt_args(name, tok.vocab_size, fraction, conditional, epochs, tag)
     if "shards" in data.source:
-        classes = [CLASS_LABELS.index(c) for c in BACKBONE_CLASSES[name]]
+        if conditional:
+            raise OmnijetError(f"backbone {name}: a class-conditional backbone cannot stream from shards yet; "
+                               "give it data_files or per_class")
+        classes = [CLASS_LABELS.index(c) for c in backbone_classes(name)]
         return ensure_gpt_on_shards(store, store_name, data.source["shards"], classes=classes, fraction=fraction,
                                     tokenizer=tok_run, **args)
     pick = np.flatnonzero(data.selection(name))
@@ -177,9 +212,10 @@ def profile_backbone(store, name: str, tok, tok_run, data: BackboneData, fractio
         rng = np.random.default_rng([data.seed, round(fraction * 1e6)])
         pick = np.sort(rng.choice(pick, max(1, round(fraction * len(pick))), replace=False))
     seq, seq_mask = tok.to_sequence(data.tokens(tok)[pick], data.mask[pick])
-    source = {"jets": data.source, "classes": list(BACKBONE_CLASSES[name]), "fraction": fraction,
+    source = {"jets": data.source, "classes": list(backbone_classes(name)), "fraction": fraction,
               "tokenizer": tok_run.settings_hash}
-    return ensure_gpt(store, store_name, seq, seq_mask, source=source, **args)
+    labels = data.labels[pick] if conditional else None
+    return ensure_gpt(store, store_name, seq, seq_mask, source=source, labels=labels, **args)
 
 
 def profile_epic_fm(store, jets, data_files, per_class: int, seed: int, epic_config: str = "light",
@@ -304,6 +340,37 @@ def boosted_tree_test(real_x, real_mask, gen_x, gen_mask, folds: int = 5, seed: 
             "n_per_sample": int(n), "separating": dict(sorted(single.items(), key=lambda kv: -kv[1]))}
 
 
+#: the jet observables :func:`judge_generation` compares
+JUDGED_OBSERVABLES = ("mass", "tau21", "tau32", "multiplicity")
+
+
+def judge_generation(gen_x, gen_mask, ref_x, ref_mask, deepsets_seeds=(), classifier_epochs: int = 20,
+                     classifier_batch_size: int = 256, train_config=None) -> dict:
+    """Generated jets against reference jets (held out, reconstructed by the same tokenizer), both
+    padded constituent features (N, L, 3): the boosted-tree test (:func:`boosted_tree_test`; its
+    three most separating observables), the paper's DeepSets test (:func:`classifier_test`) when
+    ``deepsets_seeds`` are given, and per observable of :data:`JUDGED_OBSERVABLES` the W1 distance
+    (GeV for the mass) and both medians. JSON-ready."""
+    from ..data.features import features_to_p4
+    from ..metrics import w1
+    from ..observables import jet_observables
+
+    trees = boosted_tree_test(ref_x, ref_mask, gen_x, gen_mask)
+    out = {"n_generated": len(gen_x), "n_reference": len(ref_x), "tree_auc": trees["auc_mean"],
+           "tree_auc_std": trees["auc_std"], "tree_separating": dict(list(trees["separating"].items())[:3])}
+    if len(deepsets_seeds):
+        ds = classifier_test(ref_x, ref_mask, gen_x, gen_mask, seeds=deepsets_seeds, epochs=classifier_epochs,
+                             batch_size=classifier_batch_size, train_config=train_config)
+        out |= {"deepsets_auc": ds["auc_mean"], "deepsets_auc_std": ds["auc_std"]}
+    gen, ref = (jet_observables(features_to_p4((np.asarray(x, np.float32), np.asarray(m, bool))))
+                for x, m in ((gen_x, gen_mask), (ref_x, ref_mask)))
+    for k in JUDGED_OBSERVABLES:
+        g, r = gen[k][np.isfinite(gen[k])], ref[k][np.isfinite(ref[k])]
+        out[f"w1_{k}"] = w1(g, r)
+        out[f"median_{k}"] = {"generated": float(np.median(g)), "reference": float(np.median(r))}
+    return out
+
+
 def copy_fraction(generated, training, stop_token: int) -> float:
     """The share of generated token sequences (N, S) that are exact copies of a training sequence
     (M, T): each read up to and including its first ``stop_token``, compared whole."""
@@ -379,7 +446,7 @@ def generated_label(backbone_run) -> int:
 
 def generate_to_root(backbone, n_jets: int, out, *, temperature: float = 1.0, top_k: int | None = None,
                      top_p: float | None = None, seed: int = 0, batch_size: int = 256, chunk: int = 10_000,
-                     overwrite: bool = False, progress=print) -> dict:
+                     overwrite: bool = False, progress=print, jet_class: str | None = None) -> dict:
     """Generate ``n_jets`` jets with ``backbone`` (:func:`~omnijet_lib.training.gpt.open_backbone`)
     into one JetClass-schema ROOT file ``out`` and their token sequences into the shard folder
     beside it (``g.root`` → ``g.tokens/``: shards in the format of ``omnijet tokenize``, with a
@@ -388,7 +455,8 @@ def generate_to_root(backbone, n_jets: int, out, *, temperature: float = 1.0, to
     Jets: the tokenizer decodes each sequence into constituents (massless, in the order generated)
     around the axis eta = phi = 0; ``jet_pt, eta, phi, energy, nparticles`` are their 4-vector sum,
     ``jet_tau1..4`` their N-subjettiness, ``jet_sdmass`` 0 (as in simulated files without soft
-    drop); the label is :func:`generated_label`. A shard's ``entry`` is the jet's entry in ``out``.
+    drop); the label is :func:`generated_label`, or ``jet_class``: the class a class-conditional backbone
+    (``n_classes``) is asked for (its class token). A shard's ``entry`` is the jet's entry in ``out``.
 
     Memory is bounded by ``chunk`` jets: they are generated, decoded, appended to the ROOT tree and
     written as one token shard at a time. Nothing appears before the end: the ROOT file and the
@@ -432,6 +500,13 @@ def generate_to_root(backbone, n_jets: int, out, *, temperature: float = 1.0, to
 
     gpt, tok = backbone.gpt, backbone.tokenizer
     label = generated_label(backbone.run)
+    if jet_class is not None:
+        if not gpt.config.n_classes:
+            raise OmnijetError(f"--class {jet_class}: backbone {backbone.run} was trained without classes; use a "
+                               "class-conditional one (gpt_all_conditional)")
+        if jet_class not in CLASS_LABELS:
+            raise OmnijetError(f"--class {jet_class}: unknown class; known: {', '.join(CLASS_LABELS)}")
+        label = CLASS_LABELS.index(jet_class)
     batch = min(batch_size, n_jets)
     chunk = max(batch, chunk // batch * batch)  # whole batches: the chunking never moves a batch boundary
     generator = torch.Generator().manual_seed(seed)
@@ -445,7 +520,7 @@ def generate_to_root(backbone, n_jets: int, out, *, temperature: float = 1.0, to
             done = stats["jets"]
             want = min(chunk, -(-(n_jets - done) // batch) * batch)
             seq, mask = gpt.generate(want, batch_size=batch, temperature=temperature, generator=generator,
-                                     top_k=top_k, top_p=top_p)
+                                     top_k=top_k, top_p=top_p, labels=None if jet_class is None else label)
             filled = np.flatnonzero(mask.sum(1) > 2)  # start and stop only: an empty jet
             stats["generated"] += want
             stats["empty"] += want - len(filled)
@@ -478,7 +553,7 @@ def generate_to_root(backbone, n_jets: int, out, *, temperature: float = 1.0, to
         write_json(work / "tokens" / MANIFEST, {
             "kind": "generated", "root": out.name, "backbone": str(backbone.run),
             "tokenizer": str(backbone.tokenizer_run / TOKENIZER_FILE), "num_codes": tok.num_codes, "seed": seed,
-            "temperature": temperature, "top_k": top_k, "top_p": top_p, "batch_size": batch,
+            "temperature": temperature, "top_k": top_k, "top_p": top_p, "batch_size": batch, "class": jet_class,
             "label": CLASS_LABELS[label], "shards": shards, "jets": n_jets, "tokens": sum(s["tokens"] for s in shards),
             "class_counts": np.sum([s["class_counts"] for s in shards], axis=0).tolist(), "complete": True})
         if tokens_dir.exists() or tokens_dir.is_symlink():  # --overwrite: the old folder goes with the work folder
