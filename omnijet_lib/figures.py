@@ -303,7 +303,11 @@ def _check_dict(where: str, name: str, value: dict) -> None:
     """The keys and values of dict parameter ``name`` against its schema; one that has none must be
     fully typed by :data:`PARAMETER_TYPES` (``dict[str, int]``): no dict passes unchecked."""
     schemas = _dict_schemas()
-    if name in schemas:
+    if isinstance(schemas.get(name), _PerKey):  # {any key: dict of the schema}
+        for k, inner in value.items():
+            _check_kinds(where, f"{name}.{_shown(k)}", inner, ("dict",))
+            _check_fields(where, f"{name}.{_shown(k)}", inner, schemas[name].schema)
+    elif name in schemas:
         _check_fields(where, name, value, schemas[name])
     elif name not in PARAMETER_TYPES:
         raise OmnijetError(f"{where}: {name}: no schema declares the keys of this dict parameter "

@@ -175,6 +175,11 @@ def test_per_model_settings_must_map_names_to_their_types():
         check_parameter("quick.yaml common", "backbone", {"per_model": {"top": {"epoch": 16}}}, {})
     with pytest.raises(OmnijetError, match=r"^quick.yaml common: backbone.gpt_config.n_emb: unknown key; known: n_embd, "):
         check_parameter("quick.yaml common", "backbone", {"gpt_config": {"n_emb": 64}}, {})
+    check_parameter("quick.yaml 06_density", "density_sizes", {"small": {"n_embd": 64, "n_layer": 2}}, {})
+    with pytest.raises(OmnijetError, match=r"^quick.yaml 06_density: density_sizes.small.n_emb: unknown key; known: n_embd, "):
+        check_parameter("quick.yaml 06_density", "density_sizes", {"small": {"n_emb": 64}}, {})
+    with pytest.raises(OmnijetError, match=r"^quick.yaml 06_density: density_sizes.small must be dict"):
+        check_parameter("quick.yaml 06_density", "density_sizes", {"small": 64}, {})
     with pytest.raises(OmnijetError, match=r"^backbone.per_model: tops not among qcd, top, combined, all, QCD, "):
         _cost_runs("02_generation", {"backbone": {"per_model": {"tops": {"epochs": 16}}}}, 1000)
 

@@ -117,6 +117,28 @@ def test_finetune_and_classify_name_a_wrong_model(tiny_store, real_path, tmp_pat
     assert not list(tmp_path.iterdir())
 
 
+def test_a_classifier_run_holds_its_tokenizer(binary, tiny_store, real_path, tmp_path, capsys):
+    """classify opens the tokenizer inside the run, never the path the weights record (a shared
+    classifier could name any file): a copied run scores alike, one without its tokenizer is refused."""
+    import shutil
+
+    store, _ = binary
+    run_dir = next((store / "classifier_finetune_QCD_Tbqq").iterdir())
+    copy = tmp_path / "elsewhere" / "classifier_finetune_QCD_Tbqq" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    scores = {}
+    for name, model in (("here", run_dir), ("copy", copy)):
+        code, _, err = run(["classify", "--model", str(model), "--in", str(real_path), "--out",
+                            str(tmp_path / f"{name}.npz")], capsys)
+        assert code == 0, err
+        scores[name] = np.load(tmp_path / f"{name}.npz")["p_Tbqq"]
+    np.testing.assert_array_equal(scores["here"], scores["copy"])
+    (copy / "tokenizer.safetensors").unlink()
+    code, _, err = run(["classify", "--model", str(copy), "--in", str(real_path), "--out", str(tmp_path / "x.npz")],
+                       capsys)
+    assert code == 1 and "holds no tokenizer.safetensors" in err and not (tmp_path / "x.npz").exists()
+
+
 def test_classify_writes_parquet_too(binary, real_path, tmp_path, capsys):
     import pyarrow.parquet as pq
 

@@ -1,5 +1,6 @@
 """Streaming tokenization into token shards, and the streaming training dataset over shards."""
 
+import json
 import hashlib
 import os
 import types
@@ -325,6 +326,14 @@ def test_write_shard_refuses_inconsistent_arrays(tmp_path):
 def test_unreadable_manifest(tmp_path):
     (tmp_path / shards_mod.MANIFEST).write_text("{")
     with pytest.raises(OmnijetError, match="manifest is not valid JSON"):
+        TokenShardDataset(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["../outside.npz", "/etc/x.npz", "sub/a.npz", "a.txt", None, "..\\a.npz"])
+def test_manifest_shards_must_be_files_of_its_folder(tmp_path, name):
+    """A shared manifest names the shards to read: only .npz files beside it."""
+    (tmp_path / shards_mod.MANIFEST).write_text(json.dumps({"num_codes": 8, "shards": [{"name": name}]}))
+    with pytest.raises(OmnijetError, match=r"shard 0 is named .*not a \.npz file name inside"):
         TokenShardDataset(tmp_path)
 
 

@@ -128,6 +128,12 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         raise OmnijetError(f"{path}: manifest is not valid JSON ({err})") from None
     if not isinstance(man, dict) or "shards" not in man or "num_codes" not in man:
         raise OmnijetError(f"{path}: not a token-shard manifest (no 'shards'/'num_codes')")
+    if not isinstance(man["shards"], list):
+        raise OmnijetError(f"{path}: 'shards' must be a list")
+    for i, shard in enumerate(man["shards"]):  # a shared manifest names files in its own folder, nowhere else
+        name = shard.get("name") if isinstance(shard, dict) else None
+        if not isinstance(name, str) or not name.endswith(".npz") or Path(name).name != name or "\\" in name:
+            raise OmnijetError(f"{path}: shard {i} is named {name!r}, not a .npz file name inside {Path(directory)}")
     return man
 
 

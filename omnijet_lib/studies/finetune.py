@@ -27,7 +27,7 @@ from ..data.jetclass import CLASS_LABELS, iter_jetclass
 from ..data.paths import input_files
 from ..io import OmnijetError, atomic_path, save_model, write_json
 from ..models.classifier import load_classifier
-from ..tokenizers.base import load_tokenizer, tokenize
+from ..tokenizers.base import load_tokenizer, save_tokenizer, tokenize
 from ..tokenizers.streaming import input_fingerprint
 from ..training.classifier import predict_proba, split_indices
 from ..training.gpt import GPT_FILE, Backbone
@@ -163,6 +163,7 @@ def finetune_sequences(backbone: Backbone, store: ModelStore, train, val=None, t
                                trainer=trainer, seed=seed, n_classes=len(idx))
         seconds = time.perf_counter() - t0
         save_model(run_dir / CLASSIFIER_FILE, model, classes=names, tokenizer=str(backbone.tokenizer_run.resolve()))
+        save_tokenizer(run_dir / TOKENIZER_FILE, tok)  # the run holds what it needs: classify opens nothing else
         result = {"classes": names, "strategy": strategy, "n_train": len(y), "train_seconds": round(seconds, 1)}
         for key, (s, m, yy) in sets.items():
             result[key] = {"jets": len(yy), **evaluate(model, s, m, yy)}
@@ -183,11 +184,11 @@ def classify_files(model, files, batch_size: int = 1024, device: str = "cpu", pr
     run = find_run(model, "--model")
     if not (run / CLASSIFIER_FILE).is_file():
         raise OmnijetError(f"--model {run}: holds no {CLASSIFIER_FILE}; is it a classifier run of omnijet finetune?")
+    if not (run / TOKENIZER_FILE).is_file():
+        raise OmnijetError(f"--model {run}: holds no {TOKENIZER_FILE} (a classifier of an older omnijet: fine-tune "
+                           "it again)")
     clf, extra = load_classifier(run / CLASSIFIER_FILE, device=device)
-    tok_run = Path(extra.get("tokenizer", ""))
-    if not (tok_run / TOKENIZER_FILE).is_file():
-        raise OmnijetError(f"--model {run}: its tokenizer {tok_run} is gone")
-    tok = load_tokenizer(tok_run / TOKENIZER_FILE).to(device).eval()
+    tok = load_tokenizer(run / TOKENIZER_FILE).to(device).eval()
 
     def probabilities(seq, mask):
         p = predict_proba(clf, seq, mask, batch_size)
