@@ -218,7 +218,7 @@ def test_schemas_are_the_config_classes_fields():
         return {f.name for f in dataclasses.fields(cls)}
 
     schemas = figures._dict_schemas()
-    assert set(schemas["backbone"]["gpt_config"]) == names(GPTConfig) - {"vocab_size"}
+    assert set(schemas["backbone"]["gpt_config"]) == names(GPTConfig) - {"vocab_size", "n_classes"}
     assert set(schemas["tokenizer"]["model_kw"]) == names(VQVAEConfig) - {"conditional", "num_codes"}
     from omnijet_lib.studies.tokens import TOKENIZER_DATA_KEYS, TOKENIZER_DEFAULTS, TOKENIZER_SIZE_KEYS
 
