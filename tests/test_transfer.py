@@ -264,3 +264,40 @@ def test_continuous_baselines_train_on_the_same_jets_beside_the_strategies(backb
     assert run_transfer_study(seq, mask, y, split, **kw) == results   # reused
     with pytest.raises(OmnijetError, match="continuous features"):
         run_transfer_study(seq, mask, y, split, **{**kw, "features": None})
+
+
+def test_strategies_per_size_runs_only_the_named_curves_at_that_size(backbone, tmp_path):
+    """At a size it names, only those strategies and baselines run; the runs are the ones of the
+    full study (reused, not retrained), and a name the study does not run is an error."""
+    path, _ = backbone
+    seq, mask, y = toy_sequences(160)
+    x = np.random.default_rng(1).normal(size=(160, 12, 3)).astype(np.float32)
+    split = transfer_split(y, n_test=40, n_val=20, seed=0)
+    kw = dict(sizes=[20, 40], seeds=[0], backbone_path=path, tokenizer_vocab=K + 2,
+              store=ModelStore(tmp_path / "runs", progress=lambda m: None), max_epochs=2, batch_size=16,
+              strategies=["frozen", "finetune"], features=(x, np.ones((160, 12), bool)),
+              baselines={"deepsets": {"phi": [8], "f": [8]}}, progress=None)
+    full = run_transfer_study(seq, mask, y, split, **kw)
+    lines = []
+    some = run_transfer_study(seq, mask, y, split, **{**kw, "strategies_per_size": {40: ["deepsets", "finetune"]},
+                                                        "progress": lines.append})
+    assert sorted((r["size"], r["strategy"]) for r in some) == [
+        (20, "deepsets"), (20, "finetune"), (20, "frozen"), (40, "deepsets"), (40, "finetune")]
+    assert some == [r for r in full if (r["size"], r["strategy"]) != (40, "frozen")]
+    assert all(line.endswith("(cached)") for line in lines)
+    with pytest.raises(OmnijetError, match=r"strategies_per_size: 'from_scratch' at size 40 is not run by this study"):
+        run_transfer_study(seq, mask, y, split, **{**kw, "strategies_per_size": {40: ["from_scratch"]}})
+
+
+def test_dry_run_costs_each_curve_only_at_the_sizes_it_runs():
+    from omnijet_lib.figures import _cost_runs
+
+    p = {"checkpoint_dir": "published", "train_sizes": [100, 1000], "n_seeds": 2, "max_epochs": {100: 4, 1000: 2},
+         "baselines": {"deepsets": {}}}
+
+    def jets(**change):
+        return {label.split(" x")[0].split(",")[0]: n for label, _, n, *_ in _cost_runs("03_transfer_learning",
+                                                                                      {**p, **change}, 1000)}
+    assert jets() == {"fine-tuning": 3 * 2 * 2400, "deepsets on constituents": 2 * 2400}
+    assert jets(strategies_per_size={1000: ["finetune"]}) == {"fine-tuning": 2 * (3 * 400 + 2000),
+                                                               "deepsets on constituents": 2 * 400}

@@ -105,7 +105,8 @@ def run_transfer_study(seq, mask, y, split: dict, sizes, seeds, backbone_path, t
                        patience: int | None = None, lr: float = 1e-4, lr_scratch: float | None = None,
                        weight_decay: float = 1e-2, batch_size: int = 64, trainer: dict | None = None,
                        keep_checkpoints: bool = False, features=None, baselines: dict | None = None,
-                       lr_baseline: float = 1e-3, progress=print) -> list[dict]:
+                       lr_baseline: float = 1e-3, strategies_per_size: dict | None = None,
+                       progress=print) -> list[dict]:
     """Train every (size, strategy, seed) on a balanced training set drawn from ``split["pool"]``
     (the same set for the three strategies of a seed), early-stop on ``split["val"]`` and
     evaluate on ``split["test"]``.
@@ -125,6 +126,10 @@ def run_transfer_study(seq, mask, y, split: dict, sizes, seeds, backbone_path, t
     ``features = (x (N, L, 3), mask)`` of the same jets, from scratch, on the same training,
     validation and test jets with the same early stopping, at learning rate ``lr_baseline``; their
     runs are ``transfer_n{size}_{arch}_seed{seed}`` (strategy = the arch).
+
+    ``strategies_per_size`` (``{size: [strategies and baseline archs]}``) runs only these at that
+    size, everything at the sizes it does not name: e.g. only the cheap curves at the largest size.
+    It selects runs without changing them (a run is the same with or without it).
     """
     backbone_path = Path(backbone_path)
     bcfg = backbone_config_of(backbone_path)
@@ -147,6 +152,12 @@ def run_transfer_study(seq, mask, y, split: dict, sizes, seeds, backbone_path, t
     baselines = dict(baselines or {})
     if baselines and (features is None or len(features[0]) != len(y)):
         raise OmnijetError("baselines: the continuous features (x, mask) of the same jets are needed (features=)")
+    only = {int(n): set(names) for n, names in (strategies_per_size or {}).items()}
+    for n, names in only.items():
+        unknown = sorted(names - {*strategies, *baselines})
+        if unknown:
+            raise OmnijetError(f"strategies_per_size: {unknown[0]!r} at size {n} is not run by this study "
+                               f"(it runs: {', '.join([*strategies, *baselines])})")
     va, te = split["val"], split["test"]
     common = {"version": STUDY_VERSION, "weight_decay": weight_decay, "batch_size": batch_size,
               "trainer": {k: v for k, v in (trainer or {}).items() if k != "progress_bar"}}
@@ -159,6 +170,7 @@ def run_transfer_study(seq, mask, y, split: dict, sizes, seeds, backbone_path, t
                 tr = training_subset(y, split["pool"], size, seed)
                 pat = paper_patience(size) if patience is None else patience
                 inputs = {s: (seq, mask) for s in strategies} | {a: features for a in baselines}
+                inputs = {s: v for s, v in inputs.items() if s in only.get(size, inputs)}
                 for strategy, (xs, ms) in inputs.items():
                     baseline = strategy in baselines
                     rate = lr_baseline if baseline else lr_scratch if (strategy == "from_scratch" and lr_scratch) else lr
