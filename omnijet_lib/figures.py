@@ -209,7 +209,10 @@ PARAMETER_TYPES = {
     "patience": ("int",),
     "lr_scratch": ("float",),
     "max_epochs": ("int", "dict[int, int]"),
+    "strategies_per_size": ("dict[int, list[str]]",),
     "n_generate_per_model": ("dict[str, int]",),
+    "reference_files": ("str", "list[str]"),
+    "generation_lr": ("dict[str, float]",),
 }
 
 
@@ -218,15 +221,19 @@ PARAMETER_TYPES = {
 POSITIVE = {"per_class", "explore_per_class", "n_generate",
             "n_test", "n_val", "n_seeds", "num_codes", "codebook_sizes", "binned_bins", "train_sizes", "batch_size",
             "generate_batch_size", "classifier_batch_size", "ode_steps",
-            "blob_samples", "n_generate_per_model"}
+            "blob_samples", "n_generate_per_model", "reference_per_class", "finetune_sizes", "steps", "tag_sizes",
+            "scratch_factor", "tag_batch_size"}
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
     """Parameters that take one of a few words (every item, for a list)."""
+    from .studies.few_jets import GENERATION_METHODS
     from .training.store import REUSE_MODES
+    from .training.transfer import STRATEGIES
 
     return {"reuse": REUSE_MODES, "epic_config": ("light", "jetclass"),
-            "kind": ("conditional", "unconditional", "binned"), "kinds": ("conditional", "unconditional", "binned")}
+            "kind": ("conditional", "unconditional", "binned"), "kinds": ("conditional", "unconditional", "binned"),
+            "generation_methods": tuple(GENERATION_METHODS), "tag_strategies": STRATEGIES}
 
 
 def _kind(value) -> str:
@@ -453,7 +460,7 @@ def section_parameters(profile: str | Path, section: str) -> dict:
 #: The notebooks each one reads from (models, tokenizers, simulated data): ``--jobs`` starts a
 #: notebook only when those in the run have finished. Only for speed: a model two notebooks ask
 #: for at once is trained by one while the other waits for it (the model store's lock).
-NEEDS = {"01": ("00",), "02": ("01",), "03": ("01",), "04": ("02",), "05": ("01",), "06": ("02",)}
+NEEDS = {"01": ("00",), "02": ("01",), "03": ("01",), "04": ("02",), "05": ("01",), "06": ("02",), "07": ("06",)}
 
 
 def run_figures(profile: str = "ci", only: list[str] | None = None, out_dir: Path | None = None,
@@ -886,16 +893,21 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
     elif stem.startswith("03"):
         if not p.get("checkpoint_dir"):
             runs += _tokenizer_runs(p, n, "conditional", p.get("num_codes")) + _backbone_runs(p, n, "combined")
-        cap = p.get("max_epochs", 1)  # one cap, or {size: cap}
-        passes = sum(s * (cap.get(s, 1) if isinstance(cap, dict) else cap) for s in p.get("train_sizes", []))
+        from .training.transfer import STRATEGIES
+
+        cap, only = p.get("max_epochs", 1), p.get("strategies_per_size") or {}  # one cap, or {size: cap}
+
+        def passes(curves):  # jet passes up to max_epochs, at the sizes where each curve runs
+            return sum(s * (cap.get(s, 1) if isinstance(cap, dict) else cap) for c in curves
+                       for s in p.get("train_sizes", []) if s not in only or c in only[s])
         runs.append(("fine-tuning, 3 strategies x seeds (jet passes up to max_epochs, before early stopping)",
-                     "gpt_classifier", 3 * p.get("n_seeds", 1) * passes, 1, p.get("batch_size", 64)))
+                     "gpt_classifier", p.get("n_seeds", 1) * passes(STRATEGIES), 1, p.get("batch_size", 64)))
         for K in [] if p.get("checkpoint_dir") else p.get("compare_num_codes") or []:
             runs += _tokenizer_runs(p, n, "conditional", K) + _backbone_runs({**p, "num_codes": K}, n, "combined")
             runs.append((f"fine-tuning at K {K}, 3 strategies x seeds", "gpt_classifier",
-                         3 * p.get("n_seeds", 1) * passes, 1, p.get("batch_size", 64)))
+                         p.get("n_seeds", 1) * passes([f"{s}_k{K}" for s in STRATEGIES]), 1, p.get("batch_size", 64)))
         for arch in p.get("baselines") or {}:
-            runs.append((f"{arch} on constituents x seeds (from scratch)", arch, p.get("n_seeds", 1) * passes, 1,
+            runs.append((f"{arch} on constituents x seeds (from scratch)", arch, p.get("n_seeds", 1) * passes([arch]), 1,
                          p.get("batch_size", 64)))
     elif stem.startswith("04"):
         if not p.get("checkpoint_dir"):
@@ -944,6 +956,40 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
         runs.append((f"classifier tests of the {gen} generated jets", "deepsets", 0.6 * 2 * gen, 20, 256))
         sampled = len(p.get("sampler_settings") or []) * p.get("sampler_jets", 0)
         runs.append((f"sampler controls: {sampled} jets", "gpt_generate", sampled, 1, None))
+    elif stem.startswith("07"):
+        from .data.jetclass import CLASS_LABELS
+        from .studies.generation import backbone_data
+        from .training.gpt import gpt_settings
+
+        runs += _tokenizer_runs(p, n, "conditional", p.get("num_codes"))
+        qcd = _backbone_runs(p, n, "qcd")[0]
+        share = p.get("mixed_share", 0.01)  # the mixed backbone: the q/g one's jets (some t→bqq'), GPT and steps
+        data = backbone_data(p.get("backbone"), p.get("data_files"), p.get("per_class", 300), p.get("seed", 1),
+                             p.get("trainer"), load=False)
+        args = data.gpt_args("qcd", int(p.get("num_codes", 0)) + 2)[1]
+        runs += [qcd, (f"GPT qcd with {share:g} of its jets t→bqq' (same steps)", *qcd[1:6],
+                       _in_store(p, f"gpt_qcd_tbqq_{share:g}", gpt_settings(**args)[0]))]
+        generators = len(p.get("finetune_sizes", [])) * len(p.get("generation_seeds", [])) * \
+            len(p.get("generation_methods", []))
+        runs.append((f"{generators} generators x {p.get('steps', 0)} steps (methods x sizes x seeds)", "gpt",
+                     generators * p.get("steps", 0) * args["batch_size"], 1, args["batch_size"]))
+        gen = generators * p.get("n_generate", 0)
+        runs.append((f"generation of {gen} jets", "gpt_generate", gen, 1, None))
+        runs.append((f"DeepSets tests of the {gen} generated jets", "deepsets",
+                     0.6 * 2 * gen * len(p.get("deepsets_seeds", [])), p.get("classifier_epochs", 1), 256))
+        # ten-class tagging: notebook 06's all-class backbone, classifiers at N (and scratch_factor x N) per class
+        own = {**(p.get("backbone") or {}), "shards": None, **(p.get("class_backbone") or {})}
+        runs += _backbone_runs(p, n, "all", conditional=True, backbone=own, classes=CLASS_LABELS)
+        pool = backbone_data(own, p.get("data_files"), p.get("per_class", 300), p.get("seed", 1), load=False).source
+        room = pool.get("per_class", math.inf)
+        strategies, sizes = p.get("tag_strategies", []), p.get("tag_sizes", [])
+        tag = {(s, k) for k in sizes for s in strategies if k <= room} | \
+            {("from_scratch", p.get("scratch_factor", 10) * k) for k in sizes
+             if "from_scratch" in strategies and p.get("scratch_factor", 10) * k <= room}
+        cap = p.get("max_epochs", 1)
+        passes = sum(0.8 * len(CLASS_LABELS) * k * (cap.get(k, 1) if isinstance(cap, dict) else cap) for _, k in tag)
+        runs.append((f"{len(tag)} ten-class classifiers (jet passes up to max_epochs, before early stopping)",
+                     "gpt_classifier", passes, 1, p.get("tag_batch_size", 64)))
     return runs
 
 

@@ -342,7 +342,7 @@ def test_paper_profile_dry_run_prints_sizes_steps_and_gpu_hours(capsys):
     from omnijet_lib.figures import run_figures
 
     with pytest.raises(OmnijetError, match=r"paper.yaml: inputs missing for 01_token_quality, 02_generation, "
-                       r"03_transfer_learning, 04_epic_fm_comparison, 06_density \(the MISSING lines above\)"):
+                       r"03_transfer_learning, 04_epic_fm_comparison, 06_density, 07_few_jets \(the MISSING lines above\)"):
         run_figures("paper", dry_run=True)  # JetClass is not downloaded here
     out = capsys.readouterr().out
     assert "[01_token_quality]" in out and "VQ-VAE conditional K=8192" in out

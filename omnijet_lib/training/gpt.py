@@ -27,6 +27,7 @@ __all__ = ["GPTModule", "train_gpt", "load_gpt", "check_sequences", "gpt_setting
            "Backbone", "open_backbone", "ensure_gpt_on_shards"]
 
 GPT_FILE = "gpt.safetensors"  # the weights in a run folder
+TRAIN_ONLY = (None, "head")  # what trains: everything, or the output head alone (GPTModule)
 
 
 class GPTModule(pl.LightningModule):
@@ -49,15 +50,23 @@ class GPTModule(pl.LightningModule):
 
     A model with classes (``config.n_classes``) reads the batches' ``labels``: each jet gets its class
     token, except a random ``class_dropout`` share of them (drawn anew every step) that train the
-    unconditional model; validation always gives the class."""
+    unconditional model; validation always gives the class.
+
+    ``train_only="head"``: only the output head (hidden state -> next-token logits) trains, the
+    embedding and the blocks stay as they are (generative fine-tuning with a frozen backbone)."""
 
     def __init__(self, config: GPTConfig, lr: float = 1e-3, weight_decay: float = 1e-2,
                  loss_over_padding: bool = False, first_epoch_lr_factor: float = 1.0,
-                 targets_per_jet: float | None = None, schedule: str = "one_cycle", class_dropout: float = 0.0):
+                 targets_per_jet: float | None = None, schedule: str = "one_cycle", class_dropout: float = 0.0,
+                 train_only: str | None = None):
         super().__init__()
         if config.n_classes and loss_over_padding:
             raise OmnijetError("a GPT with classes trains with the loss over real tokens only (loss_over_padding false)")
+        _check_train_only(train_only)
         self.model = GPT(config)
+        if train_only == "head":
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(name.startswith("head."))
         self.lr, self.weight_decay = lr, weight_decay
         self.loss_over_padding, self.first_epoch_lr_factor = loss_over_padding, first_epoch_lr_factor
         self.targets_per_jet, self.schedule, self.class_dropout = targets_per_jet, schedule, class_dropout
@@ -85,16 +94,22 @@ class GPTModule(pl.LightningModule):
         self.log("val_loss", loss, prog_bar=True, batch_size=len(x), sync_dist=True)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
         if self.schedule == "official":
             return lr_scheduler(opt, first_epoch_factor(self.first_epoch_lr_factor))
         return lr_scheduler(opt, one_cycle(self.trainer.estimated_stepping_batches), "step")
 
 
+def _check_train_only(train_only) -> None:
+    if train_only not in TRAIN_ONLY:
+        raise OmnijetError(f"train_only must be None or 'head', got {train_only!r}")
+
+
 def train_gpt(seq, seq_mask, out_dir: str | os.PathLike, config: GPTConfig | None = None,
               epochs: int | None = None, batch_size: int = 256, train_config: TrainConfig | None = None,
               seed: int = 0, val_fraction: float = 0.1, lr: float = 1e-3, labels=None, class_dropout: float = 0.1,
-              init: GPT | None = None) -> GPT:
+              init: GPT | None = None, train_only: str | None = None) -> GPT:
     """Train a GPT on tokenizer sequences ``seq`` (N, L<=max_len) int with ``seq_mask`` (N, L).
 
     ``val_fraction`` of the jets (random, fixed by ``seed``) are held out for ``val_loss``; the
@@ -103,7 +118,8 @@ def train_gpt(seq, seq_mask, out_dir: str | os.PathLike, config: GPTConfig | Non
     and Lightning's seed. A rerun with the same ``out_dir`` resumes from ``last.ckpt``.
     ``labels`` (N,) class ids train a model with ``config.n_classes`` (``class_dropout`` of the jets
     without their class every step). ``init``: a GPT of the same config whose weights the training
-    starts from (fine-tuning) instead of a random initialisation.
+    starts from (fine-tuning) instead of a random initialisation; ``train_only="head"`` trains its
+    output head alone (:class:`GPTModule`).
     """
     config = config or GPTConfig()
     seq, seq_mask = check_sequences(seq, seq_mask, config.vocab_size, config.max_len)
@@ -128,7 +144,7 @@ def train_gpt(seq, seq_mask, out_dir: str | os.PathLike, config: GPTConfig | Non
     module = GPTModule(config, lr=lr, loss_over_padding=cfg.loss_over_padding,
                        first_epoch_lr_factor=cfg.first_epoch_lr_factor, schedule=cfg.schedule,
                        targets_per_jet=float(np.asarray(seq_mask[train])[:, 1:].sum(1).mean()) if len(train) else None,
-                       class_dropout=class_dropout if extra else 0.0)
+                       class_dropout=class_dropout if extra else 0.0, train_only=train_only)
     if init is not None:
         if init.config != config:
             raise OmnijetError(f"init: the GPT to start from has another config ({init.config}) than {config}")
@@ -170,14 +186,19 @@ def gpt_settings(config: GPTConfig, epochs: int | None = None, batch_size: int =
 
 def ensure_gpt(store: ModelStore, name: str, seq, seq_mask, config: GPTConfig, source: dict,
                epochs: int | None = None, batch_size: int = 256, train_config: TrainConfig | None = None,
-               seed: int = 0, lr: float = 1e-3, labels=None, class_dropout: float = 0.1, init: Run | None = None):
+               seed: int = 0, lr: float = 1e-3, labels=None, class_dropout: float = 0.1, init: Run | None = None,
+               train_only: str | None = None):
     """``(GPT, Run)``: the GPT ``name`` of ``store`` trained with exactly these settings on exactly
     these sequences (``source`` says where they come from; ``labels`` for a GPT with classes),
     trained there (resumably) when there is none; :func:`train_gpt`'s arguments. ``init``: the
-    store run of a GPT to start from (generative fine-tuning); its identity is part of the request."""
+    store run of a GPT to start from (generative fine-tuning); its identity is part of the request.
+    ``train_only="head"``: only the output head trains (recorded only when set)."""
+    _check_train_only(train_only)
     settings, cfg = gpt_settings(config, epochs, batch_size, train_config, seed, lr, class_dropout)
     if init is not None:
         settings["init"] = init.settings_hash
+    if train_only is not None:
+        settings["train_only"] = train_only
     arrays = [np.asarray(seq, np.int64), np.asarray(seq_mask, bool)]
     if labels is not None:
         arrays.append(np.asarray(labels, np.int64))
@@ -186,7 +207,7 @@ def ensure_gpt(store: ModelStore, name: str, seq, seq_mask, config: GPTConfig, s
     return store.get(request,
                      train=lambda run: train_gpt(seq, seq_mask, run, config=config, batch_size=batch_size,
                                                  train_config=cfg, seed=seed, lr=lr, labels=labels,
-                                                 class_dropout=class_dropout, init=start),
+                                                 class_dropout=class_dropout, init=start, train_only=train_only),
                      load=lambda run: load_gpt(run / GPT_FILE, vocab_size=config.vocab_size))
 
 
