@@ -311,14 +311,18 @@ def _check_dict(where: str, name: str, value: dict) -> None:
     fully typed by :data:`PARAMETER_TYPES` (``dict[str, int]``): no dict passes unchecked."""
     schemas = _dict_schemas()
     if isinstance(schemas.get(name), _PerKey):  # {any key: dict of the schema}
-        for k, inner in value.items():
-            _check_kinds(where, f"{name}.{_shown(k)}", inner, ("dict",))
-            _check_fields(where, f"{name}.{_shown(k)}", inner, schemas[name].schema)
+        _check_per_key(where, name, value, schemas[name])
     elif name in schemas:
         _check_fields(where, name, value, schemas[name])
     elif name not in PARAMETER_TYPES:
         raise OmnijetError(f"{where}: {name}: no schema declares the keys of this dict parameter "
                            f"(omnijet_lib.figures._dict_schemas)")
+
+
+def _check_per_key(where: str, path: str, value: dict, schema: _PerKey) -> None:
+    for k, inner in value.items():
+        _check_kinds(where, f"{path}.{_shown(k)}", inner, ("dict",))
+        _check_fields(where, f"{path}.{_shown(k)}", inner, schema.schema)
 
 
 def _check_fields(where: str, name: str, value: dict, schema: dict) -> None:
@@ -331,9 +335,7 @@ def _check_fields(where: str, name: str, value: dict, schema: dict) -> None:
             _check_fields(where, path, item, schema[key])
         elif isinstance(schema[key], _PerKey):
             _check_kinds(where, path, item, ("dict",))
-            for k, inner in item.items():
-                _check_kinds(where, f"{path}.{_shown(k)}", inner, ("dict",))
-                _check_fields(where, f"{path}.{_shown(k)}", inner, schema[key].schema)
+            _check_per_key(where, path, item, schema[key])
         else:
             _check_kinds(where, path, item, schema[key])
 
@@ -929,7 +931,7 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
             scored = 10 * p.get("score_per_class", 0) + p.get("sculpting_jets", 0)
         # a likelihood is one forward pass, ~1/3 of a training step
         runs.append((f"likelihoods of {scored} jets under 2 backbones", "gpt", 2 * scored / 3, 1, None))
-        from .studies.generation import backbone_data
+        from .studies.generation import backbone_data, class_backbone_settings
 
         source = backbone_data(p.get("backbone"), p.get("data_files"), p.get("per_class", 300), p.get("seed", 1),
                                load=False).source  # the classifier learns from the jets the notebook holds of them
@@ -945,7 +947,7 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
             sized = {**(p.get("backbone") or {}), "gpt_config": {**profile_gpt, **size}}
             runs += _backbone_runs(p, n, "qcd", backbone=sized, tag=tag)
         # class-conditional generation: the all-class backbone, single-class ones with its optimiser steps
-        own = {**(p.get("backbone") or {}), "shards": None, **(p.get("class_backbone") or {})}
+        own = class_backbone_settings(p.get("backbone"), p.get("class_backbone"))
         conditional = _backbone_runs(p, n, "all", conditional=True, backbone=own, classes=CLASS_LABELS)
         runs += conditional
         singles = p.get("single_class") or []
@@ -958,7 +960,7 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
         runs.append((f"sampler controls: {sampled} jets", "gpt_generate", sampled, 1, None))
     elif stem.startswith("07"):
         from .data.jetclass import CLASS_LABELS
-        from .studies.generation import backbone_data
+        from .studies.generation import backbone_data, class_backbone_settings
         from .training.gpt import gpt_settings
 
         runs += _tokenizer_runs(p, n, "conditional", p.get("num_codes"))
@@ -978,7 +980,7 @@ def _cost_runs(stem: str, p: dict, n: int) -> list[tuple[str, str, float, int, i
         runs.append((f"DeepSets tests of the {gen} generated jets", "deepsets",
                      0.6 * 2 * gen * len(p.get("deepsets_seeds", [])), p.get("classifier_epochs", 1), 256))
         # ten-class tagging: notebook 06's all-class backbone, classifiers at N (and scratch_factor x N) per class
-        own = {**(p.get("backbone") or {}), "shards": None, **(p.get("class_backbone") or {})}
+        own = class_backbone_settings(p.get("backbone"), p.get("class_backbone"))
         runs += _backbone_runs(p, n, "all", conditional=True, backbone=own, classes=CLASS_LABELS)
         pool = backbone_data(own, p.get("data_files"), p.get("per_class", 300), p.get("seed", 1), load=False).source
         room = pool.get("per_class", math.inf)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ..io import OmnijetError
 
 __all__ = ["GPTConfig", "GPT", "head_cross_entropy", "sample_tokens", "draw_uniforms", "sequences_to_codes",
-           "check_sequences", "log_likelihood", "insert_class_token"]
+           "check_sequences", "log_likelihood", "insert_class_token", "target_mask"]
 
 START = 0  # start token id; codes are shifted by +1, the stop token is vocab_size - 1
 HEAD_BLOCK = 512  # vocabulary columns per head GEMM when sampling on a CPU
@@ -195,7 +195,7 @@ class GPT(nn.Module):
         padded position's target being the start id 0. As there, the inputs are the sequences
         without their stop token (padded with 0, masked as padding)."""
         inp, tgt = seq[:, :-1], seq[:, 1:]
-        valid = mask[:, 1:] & (tgt < self.config.vocab_size)  # (B, T-1): the target is a real, drawable token
+        valid = target_mask(seq, mask, self.config.vocab_size)  # (B, T-1)
         if over_padding:
             h = self.backbone(inp, valid, zero_padding=False).flatten(0, 1)  # (B(T-1), C)
             tgt = tgt.masked_fill(~valid, START).flatten()
@@ -540,6 +540,12 @@ def check_sequences(seq, mask, vocab_size: int, max_len: int, name: str = "seq")
     return seq, mask
 
 
+def target_mask(seq, mask, vocab_size: int):
+    """(B, T-1) bool: the positions whose next token ``seq[:, 1:]`` the model predicts, the real
+    tokens after start (codes and stop); a class token (id >= ``vocab_size``) is given, never a target."""
+    return mask[:, 1:] & (seq[:, 1:] < vocab_size)
+
+
 def insert_class_token(seq, mask, labels, vocab_size: int):
     """Sequences with the class token ``vocab_size + label`` right after start: seq, mask (B, T)
     tensors, labels (B,) class ids -> (B, T + 1). A row whose label is < 0 stays as it is (one
@@ -599,7 +605,7 @@ def log_likelihood(model: GPT, seq, mask, batch_size: int = 1024, labels=None) -
             m = torch.from_numpy(mask[rows, :width]).to(dev)
             if labels is not None:
                 x, m = insert_class_token(x, m, labels[rows].to(dev), cfg.vocab_size)
-            predicted = m[:, 1:] & (x[:, 1:] < cfg.vocab_size)  # (B, width-1): the token at t+1 is real, not a class
+            predicted = target_mask(x, m, cfg.vocab_size)  # (B, width-1)
             h = model.backbone(x[:, :-1], m[:, :-1])[predicted]  # (M, C)
             per_token = torch.zeros(predicted.shape, dtype=torch.float64, device=dev)  # (B, width-1)
             per_token[predicted] = _token_log_probs(h, weight, bias, x[:, 1:][predicted] - 1)

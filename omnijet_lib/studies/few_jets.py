@@ -18,6 +18,7 @@ import numpy as np
 
 from ..data import CLASS_LABELS
 from ..io import OmnijetError
+from .anomaly import efficiency_cut
 
 __all__ = ["GENERATION_METHODS", "mixed_jets", "per_class_subset", "finetune_generation", "mixed_backbone",
            "judge_generator", "power_law_fit", "rejection_at_efficiency", "class_rejections", "confusion_matrix",
@@ -142,7 +143,7 @@ def rejection_at_efficiency(is_signal, score, efficiency: float = 0.5) -> float:
         raise OmnijetError("rejection_at_efficiency needs signal and background jets")
     if not 0 < efficiency <= 1:
         raise OmnijetError(f"rejection_at_efficiency: efficiency {efficiency} is not in (0, 1]")
-    cut = np.quantile(score[is_signal], 1 - efficiency)
+    cut = efficiency_cut(score[is_signal], efficiency)
     background = score[~is_signal]
     return float(len(background) / max(int((background >= cut).sum()), 1))
 

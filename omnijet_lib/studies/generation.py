@@ -31,6 +31,7 @@ from ..data import CLASS_LABELS
 from ..io import OmnijetError, value_per_key
 
 __all__ = ["decode_generated", "BACKBONE_DEFAULTS", "BACKBONE_CLASSES", "backbone_classes", "BackboneData", "backbone_data",
+           "class_backbone_settings", "class_backbone_data",
            "profile_backbone", "classifier_test", "w1_scores", "time_generation", "data_scaling", "generate_to_root",
            "generated_label", "profile_epic_fm",
            "jet_summary_features", "boosted_tree_test", "copy_fraction", "judge_generation"]
@@ -187,6 +188,21 @@ def backbone_data(backbone: dict | None, data_files=None, per_class: int = 300, 
         data.x, data.mask = to_padded(constituent_features(jets))
         data.labels = np.asarray(jets.label)
     return data
+
+
+def class_backbone_settings(backbone: dict | None, class_backbone: dict | None) -> dict:
+    """The ``backbone`` dict of the class-conditional all-class backbone (notebooks 06 and 07 ask for
+    the same one): the profile's ``backbone`` with the ``class_backbone`` overrides, its jets held in
+    memory (a class-conditional backbone does not stream from shards)."""
+    return {**(backbone or {}), "shards": None, **(class_backbone or {})}
+
+
+def class_backbone_data(backbone: dict | None, class_backbone: dict | None, data_files=None, per_class: int = 300,
+                        seed: int = 1, trainer: dict | None = None, load: bool = True) -> BackboneData:
+    """:func:`backbone_data` of the class-conditional all-class backbone: all ten classes, the
+    settings of :func:`class_backbone_settings`."""
+    return backbone_data(class_backbone_settings(backbone, class_backbone), data_files, per_class, seed, trainer,
+                         load=load, classes=CLASS_LABELS)
 
 
 def profile_backbone(store, name: str, tok, tok_run, data: BackboneData, fraction: float = 1.0,

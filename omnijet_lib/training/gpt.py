@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..io import OmnijetError, load_model, save_model
-from ..models.gpt import GPT, GPTConfig, check_sequences, insert_class_token  # check_sequences: re-exported
+from ..models.gpt import GPT, GPTConfig, check_sequences, insert_class_token, target_mask  # check_sequences: re-exported
 from .batching import PaddedDataset, make_loader
 from .fit import TrainConfig, first_epoch_factor, fit, lr_scheduler, one_cycle
 from .store import ModelRequest, ModelStore, Run, data_identity, find_run, tokenizer_run_of
@@ -85,7 +85,7 @@ class GPTModule(pl.LightningModule):
         loss = self.model.loss(x, mask, over_padding=self.loss_over_padding)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(x))
         if self.targets_per_jet and not self.loss_over_padding:
-            loss = loss * (mask[:, 1:] & (x[:, 1:] < self.model.config.vocab_size)).sum() / (len(x) * self.targets_per_jet)
+            loss = loss * target_mask(x, mask, self.model.config.vocab_size).sum() / (len(x) * self.targets_per_jet)
         return loss
 
     def validation_step(self, batch, batch_idx):
