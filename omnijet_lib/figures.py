@@ -284,6 +284,10 @@ def check_parameter(where: str, name: str, value, default) -> None:
     _check_kinds(where, name, value, _expected_kinds(name, default), f" (default: {default!r})")
     if isinstance(value, dict) and value:
         _check_dict(where, name, value)
+    elif isinstance(value, list):  # a list of dicts: every item against the parameter's schema
+        for i, item in enumerate(value):
+            if isinstance(item, dict) and item:
+                _check_dict(where, name, item, f"{name}[{i}]")
 
 
 def _check_kinds(where: str, name: str, value, kinds: tuple[str, ...], note: str = "") -> None:
@@ -306,16 +310,17 @@ class _PerKey:
     schema: dict
 
 
-def _check_dict(where: str, name: str, value: dict) -> None:
-    """The keys and values of dict parameter ``name`` against its schema; one that has none must be
-    fully typed by :data:`PARAMETER_TYPES` (``dict[str, int]``): no dict passes unchecked."""
-    schemas = _dict_schemas()
+def _check_dict(where: str, name: str, value: dict, path: str | None = None) -> None:
+    """The keys and values of dict parameter ``name`` (or of the item ``path`` of a list of dicts)
+    against its schema; one that has none must be fully typed by :data:`PARAMETER_TYPES`
+    (``dict[str, int]``): no dict passes unchecked."""
+    schemas, path = _dict_schemas(), path or name
     if isinstance(schemas.get(name), _PerKey):  # {any key: dict of the schema}
-        _check_per_key(where, name, value, schemas[name])
+        _check_per_key(where, path, value, schemas[name])
     elif name in schemas:
-        _check_fields(where, name, value, schemas[name])
+        _check_fields(where, path, value, schemas[name])
     elif name not in PARAMETER_TYPES:
-        raise OmnijetError(f"{where}: {name}: no schema declares the keys of this dict parameter "
+        raise OmnijetError(f"{where}: {path}: no schema declares the keys of this dict parameter "
                            f"(omnijet_lib.figures._dict_schemas)")
 
 
@@ -370,6 +375,7 @@ def _dict_schemas() -> dict[str, dict]:
         "backbone": backbone,
         "class_backbone": backbone,  # notebook 06: overrides of the backbone for its class-conditional one
         "density_sizes": _PerKey(gpt_config),  # notebook 06: other sizes of the q/g backbone
+        "sampler_settings": {"top_k": ("int",), "top_p": ("float",), "temperature": ("float",)},  # GPT.generate's
     }
 
 

@@ -175,6 +175,11 @@ def test_per_model_settings_must_map_names_to_their_types():
         check_parameter("quick.yaml common", "backbone", {"per_model": {"top": {"epoch": 16}}}, {})
     with pytest.raises(OmnijetError, match=r"^quick.yaml common: backbone.gpt_config.n_emb: unknown key; known: n_embd, "):
         check_parameter("quick.yaml common", "backbone", {"gpt_config": {"n_emb": 64}}, {})
+    check_parameter("quick.yaml 06_density", "sampler_settings", [{}, {"top_k": 5}, {"top_p": 0.9}], [{}])
+    with pytest.raises(OmnijetError, match=r"^quick.yaml 06_density: sampler_settings\[1\].topk: unknown key; known: top_k, "):
+        check_parameter("quick.yaml 06_density", "sampler_settings", [{}, {"topk": 5}], [{}])
+    with pytest.raises(OmnijetError, match=r"^quick.yaml 06_density: sampler_settings\[0\].top_k must be int"):
+        check_parameter("quick.yaml 06_density", "sampler_settings", [{"top_k": "5"}], [{}])
     check_parameter("quick.yaml 06_density", "density_sizes", {"small": {"n_embd": 64, "n_layer": 2}}, {})
     with pytest.raises(OmnijetError, match=r"^quick.yaml 06_density: density_sizes.small.n_emb: unknown key; known: n_embd, "):
         check_parameter("quick.yaml 06_density", "density_sizes", {"small": {"n_emb": 64}}, {})
